@@ -1,0 +1,5 @@
+import sys
+
+from baffle.cli import main
+
+sys.exit(main())

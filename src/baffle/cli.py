@@ -1,0 +1,208 @@
+"""Command line: ``baffle train | plot | compare | list``.
+
+Every ``TrainConfig`` field is a flag (``batch_size`` -> ``--batch-size``); a TOML file
+given with ``--config`` sets values first and flags override it. Errors print one line
+``error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from baffle.config import METHODS, MODES, SEED_SHARING, SPLITS, TrainConfig, from_dict, load_toml
+from baffle.errors import BaffleError, ConfigError
+
+HELP = {
+    "method": f"baffle, or a backprop baseline: {', '.join(METHODS)}",
+    "mode": f"{' | '.join(MODES)}: one server step per round, or one local epoch per round "
+            "(uploads K scalars per local step; the server replays them)",
+    "dataset": "data set name (see `baffle list`)",
+    "data_dir": "folder holding the data set's files",
+    "download": "download the data set into the cache if it is missing",
+    "model": "lenet or wrn-D-W (e.g. wrn-10-2)",
+    "norm": "group (affine-free GroupNorm) | none | batch (backprop only)",
+    "activation": "hardswish | relu | selu | gelu",
+    "clients": "number of clients C",
+    "split": f"{' | '.join(SPLITS)}",
+    "alpha": "Dirichlet concentration for --split dirichlet (smaller = more skew)",
+    "shards_per_client": "shards per client for --split shards",
+    "val_per_class": "validation examples held out per class (-1 = data set default)",
+    "participation": "fraction of clients sampled each round",
+    "clients_per_round": "exact number of clients sampled each round (overrides participation)",
+    "K": "number of perturbation directions per estimate",
+    "sigma": "perturbation scale: delta_k = sigma * eps_k",
+    "scheme": "forward: d = L(W+delta) - L(W), K+1 passes; central: L(W+delta) - L(W-delta), 2K",
+    "seed_sharing": f"{' | '.join(SEED_SHARING)}: one seed per round for all clients "
+                    "(secure-aggregation compatible) or one per client (C*K directions)",
+    "engine": "batched (vmap over perturbations) | sequential (one model copy at a time)",
+    "chunk": "perturbed models per batched forward pass",
+    "epochs": "training length in epochs (a FedSGD epoch = the smallest client's batches)",
+    "rounds": "training length in rounds (overrides --epochs)",
+    "batch_size": "local mini-batch size",
+    "local_steps": "epoch mode: local steps per round (0 = one local epoch)",
+    "optimizer": "adam | adamw | sgd (stock torch.optim)",
+    "lr": "learning rate",
+    "betas": "Adam betas, e.g. 0.9,0.99",
+    "momentum": "SGD momentum",
+    "weight_decay": "weight decay",
+    "clip": "rescale the estimate so that max|g| <= clip (0 = off)",
+    "lr_milestones": "epochs at which lr is multiplied by --lr-gamma, e.g. 60,120",
+    "lr_gamma": "lr decay factor at each milestone",
+    "warmup_lr": "first-epoch lr (-1 = authors' rule: 0.02 except on MNIST/digits; 0 = off)",
+    "ema": "evaluate an EMA of the weights (true/false)",
+    "ema_decay": "EMA decay (updated once per epoch, with warm-up)",
+    "seed": "run seed: data split, init, directions, sampling",
+    "device": "cpu or cuda",
+    "eval_every": "rounds between evaluations (0 = once per epoch)",
+    "checkpoint_every": "rounds between checkpoints",
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag] if f.name != "K" else ["--K", "--k"]
+        p.add_argument(*names, dest=f.name, default=None, metavar=f.name.upper(),
+                       help=f"{HELP.get(f.name, '')} (default: {_show(f.default)})")
+
+
+def _show(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="baffle", description=(
+        "Backpropagation-free federated learning (BAFFLE, Feng et al. 2023): clients run "
+        "forward passes only and upload K loss differences."))
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a federated model (or resume a run)")
+    t.add_argument("--config", help="TOML file with config keys (flags override it)")
+    t.add_argument("--out", help="run directory to write (default: runs/<method>-<dataset>-<time>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(t)
+    pl = sub.add_parser("plot", help="PNG curves of accuracy and loss for one or more runs")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png of the first run)")
+    c = sub.add_parser("compare", help="print the summary table of several runs side by side")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    sub.add_parser("list", help="list data sets, models, partitioners and optimizers")
+    return p
+
+
+class ProgressBar:
+    """A tqdm bar over rounds with the latest loss and accuracy."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.bar: Any = None
+        self.quiet = quiet
+
+    def on_round(self, record: dict[str, Any], total_rounds: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_rounds, initial=record["round"], unit="round",
+                            file=sys.stderr, dynamic_ncols=True)
+        post = {}
+        if record.get("train_loss") is not None:
+            post["loss"] = f"{record['train_loss']:.3f}"
+        if "test_top1" in record:
+            post["test"] = f"{record['test_top1']:.2f}%"
+        if record["rejected"]:
+            post["rejected"] = record["rejected"]
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from baffle.simulator import summary_table, train
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                 if getattr(args, f.name) is not None}
+    if args.resume:
+        if overrides or args.config:
+            raise ConfigError("--resume takes the saved config of the run; drop the other flags")
+        out, resume, config = Path(args.resume), True, TrainConfig()
+    else:
+        values = load_toml(args.config) if args.config else {}
+        config = from_dict({**values, **overrides})
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path(args.out or f"runs/{config.method}-{config.dataset}-{stamp}")
+        resume = False
+        if args.overwrite and out.exists():
+            shutil.rmtree(out)
+    bar = ProgressBar(args.quiet)
+    try:
+        result = train(config, run_dir=out, resume=resume, callbacks=[bar])
+    finally:
+        bar.close()
+    print(summary_table([result.summary]))
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from baffle.plot import plot_runs
+
+    path = plot_runs([Path(r) for r in args.runs], Path(args.out) if args.out else None)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from baffle.simulator import summary_table
+
+    summaries = []
+    for r in args.runs:
+        p = Path(r) / "summary.json"
+        if not p.is_file():
+            raise ConfigError(f"{r} has no summary.json: is it a finished run directory?")
+        summaries.append(json.loads(p.read_text()))
+    print(summary_table(summaries))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from baffle.data import available_datasets
+    from baffle.data.partition import PARTITIONERS
+    from baffle.models import available_models
+    from baffle.server import OPTIMIZERS
+
+    print("datasets:    ", ", ".join(available_datasets()))
+    print("models:      ", ", ".join(available_models()))
+    print("splits:      ", ", ".join(PARTITIONERS))
+    print("optimizers:  ", ", ".join(OPTIMIZERS))
+    print("methods:     ", ", ".join(METHODS))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    commands = {"train": cmd_train, "plot": cmd_plot, "compare": cmd_compare, "list": cmd_list}
+    try:
+        return commands[args.command](args)
+    except BaffleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: continue with `baffle train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

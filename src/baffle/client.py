@@ -1,0 +1,100 @@
+"""Client: one FedSGD step (K scalars up) or one local epoch (K scalars per local step up).
+
+Forward passes only: a client never calls ``backward``. In a local epoch the client
+rebuilds its own gradient from its own scalars (``local_step``) and steps its own
+optimizer, so the server can replay the very same steps from (seeds, scalars) alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from baffle.aggregate import Upload
+from baffle.directions import DirectionScheme
+from baffle.estimator import Engine, EstimatorSpec, LossFn, loss_differences, trainable_params
+from baffle.reconstruct import rebuild_gradient
+from baffle.server import step_with_gradient
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+OptimizerMaker = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def fedsgd_update(
+    client: int,
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    seed: int,
+    spec: EstimatorSpec,
+    dirs: DirectionScheme,
+    engine: Engine = "batched",
+    chunk: int = 32,
+) -> Upload:
+    """Evaluate K loss differences on one local batch; upload only those K numbers."""
+    x, y = batch
+    est = loss_differences(model, loss_fn, x, y, seed, spec, dirs, engine, chunk)
+    return Upload(client, len(y), (seed,), est.diffs, loss=est.loss,
+                  forward_passes=est.forward_passes)
+
+
+def local_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    seed: int,
+    diffs: torch.Tensor,
+    spec: EstimatorSpec,
+    dirs: DirectionScheme,
+    clip: float | None,
+) -> None:
+    """Rebuild the gradient from (seed, diffs) and step: identical on client and server."""
+    device = next(iter(trainable_params(model).values())).device
+    shapes = [p.shape for p in trainable_params(model).values()]
+    step_with_gradient(model, optimizer, rebuild_gradient(shapes, seed, diffs, spec, dirs, device),
+                       clip)
+
+
+def local_epoch_update(
+    client: int,
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Batch],
+    seeds: Sequence[int],
+    spec: EstimatorSpec,
+    dirs: DirectionScheme,
+    make_optimizer: OptimizerMaker,
+    clip: float | None,
+    engine: Engine = "batched",
+    chunk: int = 32,
+) -> Upload:
+    """E local BAFFLE steps on the client's own copy of the model; upload (E, K) scalars."""
+    optimizer = make_optimizer(trainable_params(model).values())
+    rows, losses = [], []
+    for (x, y), seed in zip(batches, seeds, strict=True):
+        est = loss_differences(model, loss_fn, x, y, seed, spec, dirs, engine, chunk)
+        local_step(model, optimizer, seed, est.diffs, spec, dirs, clip)
+        rows.append(est.diffs)
+        losses.append(est.loss)
+    return Upload(client, sum(len(y) for _, y in batches), tuple(seeds), torch.stack(rows),
+                  loss=sum(losses) / len(losses), forward_passes=spec.forward_passes * len(rows))
+
+
+def replay_local_epoch(
+    model: nn.Module,
+    upload: Upload,
+    spec: EstimatorSpec,
+    dirs: DirectionScheme,
+    make_optimizer: OptimizerMaker,
+    clip: float | None,
+) -> list[torch.Tensor]:
+    """Server side: rebuild a client's local model from its seeds and scalars alone.
+
+    ``model`` starts at the weights the client started from and is stepped in place.
+    """
+    assert upload.diffs is not None
+    optimizer = make_optimizer(trainable_params(model).values())
+    for seed, diffs in zip(upload.seeds, upload.diffs, strict=True):
+        local_step(model, optimizer, seed, diffs, spec, dirs, clip)
+    return [p.detach().clone() for p in trainable_params(model).values()]

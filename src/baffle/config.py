@@ -1,0 +1,203 @@
+"""Typed run configuration: one frozen dataclass, parsed and validated in one place.
+
+Sources, later ones winning: the defaults below (the authors' settings), a TOML file,
+command-line flags. The resolved config is saved as ``config.json`` in every run
+directory and inside every checkpoint, so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from baffle.errors import ConfigError
+from baffle.estimator import ENGINES, validate_spec
+
+METHODS = ("baffle", "bp-fedsgd", "bp-fedavg")
+MODES = ("fedsgd", "epoch")
+SEED_SHARING = ("round", "client")
+SPLITS = ("iid", "dirichlet", "shards")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a federated run. Defaults follow the authors' MNIST setting."""
+
+    # what is trained
+    method: str = "baffle"  # baffle | bp-fedsgd | bp-fedavg
+    mode: str = "fedsgd"  # fedsgd: one server step per round; epoch: one local epoch per round
+    dataset: str = "digits"
+    data_dir: str = ""  # folder of the data files ("" = the data set's default cache)
+    download: bool = False
+    model: str = "lenet"
+    norm: str = "none"  # group | batch | none
+    activation: str = "hardswish"
+    # federation
+    clients: int = 10
+    split: str = "iid"  # iid | dirichlet | shards
+    alpha: float = 0.5  # Dirichlet concentration
+    shards_per_client: int = 2
+    val_per_class: int = -1  # -1: the data set's default hold-out
+    participation: float = 1.0  # fraction of clients sampled per round
+    clients_per_round: int = 0  # if > 0, sample exactly this many instead
+    # estimator
+    K: int = 100
+    sigma: float = 1e-4
+    scheme: str = "forward"  # forward (K+1 passes) | central (2K passes)
+    seed_sharing: str = "round"  # round: one seed for all clients | client: one per client
+    engine: str = "batched"  # batched | sequential
+    chunk: int = 32  # perturbed models per batched pass
+    # schedule
+    epochs: int = 20
+    rounds: int = 0  # if > 0, overrides epochs
+    batch_size: int = 32
+    local_steps: int = 0  # epoch mode: local steps per round (0 = one local epoch)
+    # optimizer (a stock torch.optim class)
+    optimizer: str = "adam"
+    lr: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.99)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    clip: float = 0.3  # rescale the estimate so max|g| <= clip; 0 switches it off
+    lr_milestones: tuple[int, ...] = (60,)  # epochs at which lr *= lr_gamma
+    lr_gamma: float = 0.2
+    warmup_lr: float = -1.0  # first-epoch lr; -1 = the authors' rule (0.02 except MNIST/digits)
+    ema: bool = True
+    ema_decay: float = 0.995
+    # bookkeeping
+    seed: int = 0
+    device: str = "cpu"
+    eval_every: int = 0  # rounds between evaluations (0 = once per epoch)
+    checkpoint_every: int = 1  # rounds between checkpoints
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # -- derived -----------------------------------------------------------
+    @property
+    def is_baffle(self) -> bool:
+        return self.method == "baffle"
+
+    @property
+    def round_mode(self) -> str:
+        """fedsgd or epoch: fixed by the baselines' names, else by ``mode``."""
+        return {"bp-fedsgd": "fedsgd", "bp-fedavg": "epoch"}.get(self.method, self.mode)
+
+    @property
+    def resolved_warmup_lr(self) -> float | None:
+        if self.warmup_lr < 0:
+            return None if self.dataset in ("mnist", "digits") else 0.02
+        return self.warmup_lr or None
+
+    @property
+    def clip_value(self) -> float | None:
+        return self.clip or None
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def validate(c: TrainConfig) -> None:
+    """One-line ``ConfigError`` for any bad value."""
+    def choose(name: str, value: str, options: tuple[str, ...]) -> None:
+        if value not in options:
+            raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(options)}")
+
+    choose("method", c.method, METHODS)
+    choose("mode", c.mode, MODES)
+    choose("seed sharing", c.seed_sharing, SEED_SHARING)
+    choose("split", c.split, SPLITS)
+    choose("engine", c.engine, ENGINES)
+    validate_spec(c.K, c.sigma, c.scheme)
+    positive_ints = {"clients": c.clients, "batch_size": c.batch_size, "chunk": c.chunk,
+                     "checkpoint_every": c.checkpoint_every}
+    for name, v in positive_ints.items():
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be an integer >= 1 (got {v!r})")
+    for name, v in {"epochs": c.epochs, "rounds": c.rounds, "local_steps": c.local_steps,
+                    "eval_every": c.eval_every, "clients_per_round": c.clients_per_round}.items():
+        if not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{name} must be an integer >= 0 (got {v!r})")
+    if c.epochs == 0 and c.rounds == 0:
+        raise ConfigError("set --epochs or --rounds to a positive number")
+    if not (0 < c.participation <= 1):
+        raise ConfigError(f"participation must be in (0, 1] (got {c.participation!r})")
+    if c.clients_per_round > c.clients:
+        raise ConfigError(f"clients_per_round={c.clients_per_round} exceeds clients={c.clients}")
+    for name, v in {"lr": c.lr, "alpha": c.alpha}.items():
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ConfigError(f"{name} must be a finite number > 0 (got {v!r})")
+    for name, v in {"clip": c.clip, "weight_decay": c.weight_decay}.items():
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ConfigError(f"{name} must be a finite number >= 0 (0 = off; got {v!r})")
+    if not (0 <= c.ema_decay < 1):
+        raise ConfigError(f"ema_decay must be in [0, 1) (got {c.ema_decay!r})")
+    if c.method != "baffle" and c.mode != "fedsgd" and c.mode != c.round_mode:
+        raise ConfigError(f"--mode does not apply to {c.method}; its name fixes the round structure")
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a TOML/JSON/CLI value to the field's type, with a one-line error."""
+    default = _FIELDS[name].default
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            kind = float if name == "betas" else int
+            return tuple(kind(v) for v in items if str(v).strip() != "")
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"bad value {value!r} for {name}: expected {type(default).__name__}") from None
+
+
+def from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """A config from ``base`` (or the defaults) with ``values`` applied; unknown keys refused."""
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    changes = {k: _coerce(k, v) for k, v in values.items()}
+    return dataclasses.replace(base or TrainConfig(), **changes)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """The key/values of a TOML config file (a [train] table or top-level keys)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    return dict(data.get("train", data))
+
+
+def save_json(config: TrainConfig, path: Path) -> None:
+    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def load_json(path: Path) -> TrainConfig:
+    return from_dict(json.loads(path.read_text()))

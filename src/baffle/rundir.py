@@ -1,0 +1,97 @@
+"""The run directory: resolved config, per-round metrics, atomic checkpoints, summary.
+
+    RUN_DIR/config.json      the resolved TrainConfig
+    RUN_DIR/metrics.jsonl    one JSON object per finished round
+    RUN_DIR/checkpoint.pt    server state after the last checkpointed round (atomic)
+    RUN_DIR/summary.json     final numbers; summary.md, the same as a table
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from baffle.config import TrainConfig, load_json, save_json
+from baffle.errors import ConfigError
+
+CONFIG, METRICS, CHECKPOINT, SUMMARY = "config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through a temp file in the same folder, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    """Reads and writes one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def create(self, config: TrainConfig) -> None:
+        if (self.path / CHECKPOINT).exists() or (self.path / METRICS).exists():
+            raise ConfigError(
+                f"run directory {self.path} already holds a run; continue it with "
+                f"--resume {self.path} or choose another --out"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_json(config, self.path / CONFIG)
+
+    def config(self) -> TrainConfig:
+        if not (self.path / CONFIG).is_file():
+            raise ConfigError(f"{self.path} is not a run directory (no {CONFIG}); check --resume")
+        return load_json(self.path / CONFIG)
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        atomic_write(self.path / CHECKPOINT, lambda f: torch.save(state, f))
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        p = self.path / CHECKPOINT
+        if not p.exists():
+            return None
+        try:
+            return torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise ConfigError(f"checkpoint {p} is unreadable ({type(e).__name__}); "
+                              "delete it to restart the run from scratch") from None
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.path / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        p = self.path / METRICS
+        if not p.exists():
+            return []
+        rows = []
+        for line in p.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a kill: everything after it is lost anyway
+        return rows
+
+    def truncate_metrics(self, rounds_done: int) -> list[dict[str, Any]]:
+        """Keep rows of rounds < ``rounds_done`` (those the checkpoint covers)."""
+        rows = [r for r in self.metrics() if r["round"] < rounds_done]
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        atomic_write(self.path / METRICS, lambda f: f.write(text.encode()))
+        return rows
+
+    def write_summary(self, summary: dict[str, Any], table: str) -> None:
+        (self.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        (self.path / "summary.md").write_text(table + "\n")

@@ -1,0 +1,408 @@
+"""The in-process federated simulator: one readable training loop.
+
+    for each round r:
+        sample clients -> send (W, seed) -> clients upload K scalars (or the baselines'
+        tensors) -> validate -> aggregate -> rebuild -> optimizer step -> EMA -> evaluate
+
+Every random choice is a pure function of (config.seed, round, client), so a run
+resumed from any checkpoint finishes with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baffle.aggregate import (
+    Upload,
+    aggregate_gradient,
+    tensors_problem,
+    upload_problem,
+    weighted_tensors,
+    weights_of,
+)
+from baffle.baselines import bp_gradient_update, bp_local_epoch_update
+from baffle.client import Batch, fedsgd_update, local_epoch_update, replay_local_epoch
+from baffle.config import TrainConfig
+from baffle.data import ArrayDataset, DataBundle, load_dataset, partition
+from baffle.directions import DirectionScheme, derive_seed
+from baffle.ema import EMA
+from baffle.errors import BaffleError
+from baffle.estimator import EstimatorSpec, LossFn, check_no_batchnorm, trainable_params
+from baffle.models import build_model
+from baffle.rundir import RunDir
+from baffle.schedule import lr_at
+from baffle.server import Server, make_optimizer, set_lr
+
+UploadHook = Callable[[int, Upload], Upload]
+
+
+class Callback(Protocol):
+    def on_round(self, record: dict[str, Any], total_rounds: int) -> None: ...
+
+
+@dataclass
+class Federation:
+    """Everything a run needs, built once from the config."""
+
+    config: TrainConfig
+    data: DataBundle
+    clients: list[np.ndarray]  # per-client indices into data.train
+    val: ArrayDataset | None
+    server: Server
+    loss_fn: LossFn
+    spec: EstimatorSpec
+    dirs: DirectionScheme
+    rounds_per_epoch: int
+    total_rounds: int
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in trainable_params(self.server.model).values())
+
+
+@dataclass
+class RunResult:
+    """What ``train`` returns: the config, every round's record and the final state."""
+
+    config: TrainConfig
+    metrics: list[dict[str, Any]]
+    model: nn.Module
+    summary: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None
+
+
+def setup(
+    config: TrainConfig,
+    model: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
+    data: DataBundle | None = None,
+) -> Federation:
+    """Load data, split it, build the model and the server state from the config."""
+    data = data or load_dataset(config.dataset, config.data_dir or None, config.download)
+    val_per_class = data.val_per_class if config.val_per_class < 0 else config.val_per_class
+    split = partition(config.split, data.train.y.numpy(), config.clients, config.seed,
+                      val_per_class=val_per_class, alpha=config.alpha,
+                      shards_per_client=config.shards_per_client)
+    if model is None:
+        model = build_model(config.model, num_classes=data.num_classes,
+                            in_channels=data.in_channels, norm=config.norm,
+                            activation=config.activation,
+                            generator=torch.Generator().manual_seed(config.seed))
+    if config.is_baffle:
+        check_no_batchnorm(model)
+    model = model.to(config.device)
+    optimizer = make_optimizer(config.optimizer, trainable_params(model).values(), config.lr,
+                               config.betas, config.momentum, config.weight_decay)
+    ema = EMA.of(model, config.ema_decay) if config.ema else None
+    sizes = [len(c) for c in split.clients]
+    if config.round_mode == "fedsgd":  # an epoch ends when the smallest client runs out
+        rounds_per_epoch = max(1, min(sizes) // config.batch_size)
+    else:
+        rounds_per_epoch = 1
+    total = config.rounds or config.epochs * rounds_per_epoch
+    val = data.train.subset(split.val) if len(split.val) else None
+    return Federation(config, data, split.clients, val, Server(model, optimizer, ema),
+                      loss_fn or F.cross_entropy, EstimatorSpec(config.K, config.sigma,
+                      config.scheme), DirectionScheme(device=_dir_device(config.device)),
+                      rounds_per_epoch, total)
+
+
+def _dir_device(device: str) -> str:
+    return "cpu" if torch.device(device).type == "cpu" else device
+
+
+def sample_clients(config: TrainConfig, round_: int) -> list[int]:
+    """The clients taking part in a round (all, a fraction, or a fixed count)."""
+    m = config.clients_per_round or max(1, round(config.participation * config.clients))
+    if m >= config.clients:
+        return list(range(config.clients))
+    rng = np.random.default_rng(derive_seed(config.seed, "sample", round_))
+    return sorted(int(c) for c in rng.choice(config.clients, size=m, replace=False))
+
+
+def client_batches(fed: Federation, client: int, round_: int, steps: int) -> list[Batch]:
+    """``steps`` consecutive mini-batches of a client's seeded per-epoch shuffle."""
+    cfg, idx = fed.config, fed.clients[client]
+    B = min(cfg.batch_size, len(idx))
+    per_epoch = max(1, len(idx) // B)
+    first = (round_ % fed.rounds_per_epoch) * steps if cfg.round_mode == "fedsgd" else 0
+    epoch = round_ // fed.rounds_per_epoch
+    batches = []
+    for step in range(first, first + steps):
+        e, i = epoch + step // per_epoch, step % per_epoch
+        perm = torch.randperm(len(idx), generator=torch.Generator().manual_seed(
+            derive_seed(cfg.seed, "shuffle", client, e)))
+        take = torch.as_tensor(idx)[perm[i * B:(i + 1) * B]]
+        x, y = fed.data.train.x[take], fed.data.train.y[take]
+        if fed.data.augment is not None:
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, "augment", client, round_, step))
+            x = fed.data.augment(x, g)
+        batches.append((x.to(cfg.device), y.to(cfg.device)))
+    return batches
+
+
+def round_seeds(config: TrainConfig, round_: int, client: int, steps: int) -> tuple[int, ...]:
+    """Direction seeds of one client's steps: shared by all clients, or per client."""
+    base = derive_seed(config.seed, "round", round_)
+    if config.seed_sharing == "client":
+        base = derive_seed(base, "client", client)
+    return tuple(derive_seed(base, "step", s) for s in range(steps)) if steps > 1 else (base,)
+
+
+def local_steps(fed: Federation, client: int) -> int:
+    cfg = fed.config
+    return cfg.local_steps or max(1, len(fed.clients[client]) // min(cfg.batch_size,
+                                                                        len(fed.clients[client])))
+
+
+def run_client(fed: Federation, client: int, round_: int, lr: float) -> Upload:
+    """What one client computes in a round, for every method and mode."""
+    cfg, model = fed.config, fed.server.model
+    make_opt = functools.partial(make_optimizer, cfg.optimizer, lr=lr, betas=cfg.betas,
+                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.round_mode == "fedsgd":
+        (batch,) = client_batches(fed, client, round_, 1)
+        if cfg.method == "bp-fedsgd":
+            return bp_gradient_update(client, model, fed.loss_fn, batch)
+        (seed,) = round_seeds(cfg, round_, client, 1)
+        return fedsgd_update(client, model, fed.loss_fn, batch, seed, fed.spec, fed.dirs,
+                             cfg.engine, cfg.chunk)  # type: ignore[arg-type]
+    steps = local_steps(fed, client)
+    batches = client_batches(fed, client, round_, steps)
+    local = copy.deepcopy(model)
+    if cfg.method == "bp-fedavg":
+        return bp_local_epoch_update(client, local, fed.loss_fn, batches, make_opt)
+    return local_epoch_update(client, local, fed.loss_fn, batches,
+                              round_seeds(cfg, round_, client, steps), fed.spec, fed.dirs,
+                              make_opt, cfg.clip_value, cfg.engine, cfg.chunk)  # type: ignore[arg-type]
+
+
+def problem(fed: Federation, u: Upload) -> str | None:
+    """Why an upload must be rejected, or ``None``."""
+    cfg = fed.config
+    if not cfg.is_baffle:
+        return tensors_problem(u, fed.server.shapes)
+    steps = None if cfg.round_mode == "fedsgd" else local_steps(fed, u.client)
+    return upload_problem(u, cfg.K, steps)
+
+
+def update_server(fed: Federation, uploads: Sequence[Upload], lr: float) -> None:
+    """Aggregate the valid uploads and move the global model (unchanged if none)."""
+    cfg, server = fed.config, fed.server
+    if not uploads:
+        return
+    if cfg.method == "bp-fedsgd":
+        server.apply_gradient(weighted_tensors([u.tensors for u in uploads], weights_of(uploads)),
+                              None)
+    elif cfg.method == "bp-fedavg":
+        server.load_average([u.tensors for u in uploads], weights_of(uploads))
+    elif cfg.round_mode == "fedsgd":
+        grads = aggregate_gradient(uploads, server.shapes, fed.spec, fed.dirs,
+                                   cfg.seed_sharing == "round", cfg.device)
+        server.apply_gradient(grads, cfg.clip_value)
+    else:  # epoch-level BAFFLE: replay every client's trajectory from its scalars
+        make_opt = functools.partial(make_optimizer, cfg.optimizer, lr=lr, betas=cfg.betas,
+                                     momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        replayed = [replay_local_epoch(copy.deepcopy(server.model), u, fed.spec, fed.dirs,
+                                       make_opt, cfg.clip_value) for u in uploads]
+        server.load_average(replayed, weights_of(uploads))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ArrayDataset, device: str, batch: int = 1000) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy (percent) on a data set."""
+    was_training = model.training
+    model.eval()
+    loss = top1 = top5 = 0.0
+    for i in range(0, len(data), batch):
+        x, y = data.x[i:i + batch].to(device), data.y[i:i + batch].to(device)
+        out = model(x)
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        top1 += float((top[:, 0] == y).sum())
+        top5 += float((top == y[:, None]).any(dim=1).sum())
+    model.train(was_training)
+    n = max(1, len(data))
+    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+
+
+def traffic(fed: Federation, u: Upload) -> tuple[int, int]:
+    """Exact payload bytes (down, up) of one client in one round, float32 values.
+
+    Down: the weights (4 bytes each) plus, for BAFFLE, the 8-byte seed.
+    Up: 4 bytes per loss difference plus 8 per seed (BAFFLE), or a model-sized
+    gradient/model (backprop); plus 8 bytes for the example count.
+    """
+    down = 4 * fed.n_params + (8 if fed.config.is_baffle else 0)
+    if fed.config.is_baffle:
+        up = 4 * (0 if u.diffs is None else u.diffs.numel()) + 8 * len(u.seeds) + 8
+    else:
+        up = 4 * fed.n_params + 8
+    return down, up
+
+
+def train(
+    config: TrainConfig,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+    model: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
+    data: DataBundle | None = None,
+    upload_hook: UploadHook | None = None,
+) -> RunResult:
+    """Run (or resume) federated training; returns the metrics and the final model.
+
+    ``upload_hook(round, upload)`` stands between client and server (fault injection,
+    transport); an upload it breaks is rejected and logged, never trained on.
+    """
+    rd = RunDir(run_dir) if run_dir is not None else None
+    if rd is not None and resume:
+        config = rd.config()
+    fed = setup(config, model, loss_fn, data)
+    cfg, server = fed.config, fed.server
+    start, metrics = 0, []
+    if rd is not None:
+        ckpt = rd.load_checkpoint() if resume else None
+        if ckpt is not None:
+            server.load_state_dict(ckpt["server"])
+            start = int(ckpt["rounds_done"])
+            metrics = rd.truncate_metrics(start)
+        elif resume:
+            metrics = rd.truncate_metrics(0)
+        else:
+            rd.create(cfg)
+    for r in range(start, fed.total_rounds):
+        t0 = time.perf_counter()
+        epoch = r // fed.rounds_per_epoch
+        lr = lr_at(epoch, cfg.lr, cfg.lr_milestones, cfg.lr_gamma, cfg.resolved_warmup_lr)
+        set_lr(server.optimizer, lr)
+        accepted, rejected = [], []
+        sampled = sample_clients(cfg, r)
+        for c in sampled:
+            try:
+                u = run_client(fed, c, r, lr)
+                u = upload_hook(r, u) if upload_hook else u
+            except Exception as e:  # noqa: BLE001 - a dying client must not kill the round
+                rejected.append({"client": c, "reason": f"client failed: {type(e).__name__}: {e}"})
+                continue
+            why = problem(fed, u)
+            if why is None:
+                accepted.append(u)
+            else:
+                rejected.append({"client": c, "reason": why})
+        if not accepted and rejected and all(x["reason"].startswith("client failed")
+                                            for x in rejected):
+            raise BaffleError(f"every client failed in round {r}: {rejected[0]['reason']}")
+        update_server(fed, accepted, lr)
+        end_of_epoch = (r + 1) % fed.rounds_per_epoch == 0
+        if server.ema is not None and end_of_epoch:
+            server.ema.update(server.model)
+        record = round_record(fed, r, lr, sampled, accepted, rejected, time.perf_counter() - t0)
+        if (cfg.eval_every and (r + 1) % cfg.eval_every == 0) or (
+            not cfg.eval_every and end_of_epoch) or r + 1 == fed.total_rounds:
+            record.update(evaluation(fed))
+        metrics.append(record)
+        if rd is not None:
+            rd.append_metrics(record)
+            if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == fed.total_rounds:
+                rd.save_checkpoint({"rounds_done": r + 1, "server": server.state_dict(),
+                                    "config": cfg.to_dict()})
+        for cb in callbacks:
+            cb.on_round(record, fed.total_rounds)
+    result = RunResult(cfg, metrics, server.eval_model(), summarize(fed, metrics),
+                       rd.path if rd else None)
+    if rd is not None:
+        rd.write_summary(result.summary, summary_table([result.summary]))
+    return result
+
+
+def round_record(fed: Federation, r: int, lr: float, sampled: list[int],
+                 accepted: list[Upload], rejected: list[dict[str, Any]],
+                 wall: float) -> dict[str, Any]:
+    """The accounting logged for one round (per-client numbers are means over senders)."""
+    n = max(1, len(accepted))
+    down_up = [traffic(fed, u) for u in accepted]
+    return {
+        "round": r,
+        "epoch": (r + 1) / fed.rounds_per_epoch,
+        "lr": lr,
+        "clients": len(sampled),
+        "accepted": len(accepted),
+        "rejected": len(rejected),
+        "rejections": rejected,
+        "train_loss": sum(u.loss for u in accepted) / n if accepted else None,
+        "fwd_per_client": sum(u.forward_passes for u in accepted) / n,
+        "bwd_per_client": 0 if fed.config.is_baffle else
+        sum(u.forward_passes for u in accepted) / n,
+        "bytes_down_per_client": sum(d for d, _ in down_up) / n,
+        "bytes_up_per_client": sum(u for _, u in down_up) / n,
+        "wall_s": wall,
+    }
+
+
+def evaluation(fed: Federation) -> dict[str, float]:
+    """Validation/test metrics on the evaluation weights (EMA if on)."""
+    model = fed.server.eval_model()
+    out = {f"test_{k}": v for k, v in evaluate(model, fed.data.test, fed.config.device).items()}
+    if fed.val is not None:
+        out.update({f"val_{k}": v for k, v in evaluate(model, fed.val, fed.config.device).items()})
+    if fed.data.num_classes <= 10:
+        out = {k: v for k, v in out.items() if not k.endswith("top5")}
+    return out
+
+
+def summarize(fed: Federation, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over the run and the last evaluation."""
+    cfg = fed.config
+    last_eval = next((m for m in reversed(metrics) if "test_top1" in m), {})
+    label = cfg.method if not cfg.is_baffle else f"baffle-{cfg.round_mode}"
+    return {
+        "method": label,
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "rounds": len(metrics),
+        "epochs": len(metrics) / fed.rounds_per_epoch,
+        "test_top1": last_eval.get("test_top1"),
+        "test_top5": last_eval.get("test_top5"),
+        "val_top1": last_eval.get("val_top1"),
+        "fwd_per_client": sum(m["fwd_per_client"] for m in metrics),
+        "bytes_up_per_client": sum(m["bytes_up_per_client"] for m in metrics),
+        "bytes_down_per_client": sum(m["bytes_down_per_client"] for m in metrics),
+        "rejected_uploads": sum(m["rejected"] for m in metrics),
+        "wall_s": sum(m["wall_s"] for m in metrics),
+    }
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def summary_table(summaries: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table comparing runs side by side."""
+    head = ("| method | test top-1 % | rounds | epochs | fwd passes/client | up/client | "
+            "down/client | wall s |")
+    lines = [head, "|" + "---|" * 8]
+    for s in summaries:
+        acc = "-" if s["test_top1"] is None else f"{s['test_top1']:.2f}"
+        lines.append(
+            f"| {s['method']} | {acc} | {s['rounds']} | {s['epochs']:.1f} | "
+            f"{s['fwd_per_client']:,.0f} | {_fmt_bytes(s['bytes_up_per_client'])} | "
+            f"{_fmt_bytes(s['bytes_down_per_client'])} | {s['wall_s']:.1f} |")
+    return "\n".join(lines)
