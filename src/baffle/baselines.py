@@ -23,7 +23,7 @@ def bp_gradient_update(client: int, model: nn.Module, loss_fn: LossFn, batch: Ba
     params = list(trainable_params(model).values())
     loss = loss_fn(model(x), y)
     grads = torch.autograd.grad(loss, params)
-    return Upload(client, len(y), tensors=tuple(g.detach() for g in grads), loss=float(loss),
+    return Upload(client, len(y), tensors=tuple(g.detach() for g in grads), loss=float(loss.detach()),
                   forward_passes=1)
 
 
@@ -43,7 +43,7 @@ def bp_local_epoch_update(
         loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return Upload(client, sum(len(y) for _, y in batches),
                   tensors=tuple(p.detach().clone() for p in params),
                   loss=sum(losses) / len(losses), forward_passes=len(batches))

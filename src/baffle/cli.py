@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from baffle.config import METHODS, MODES, SEED_SHARING, SPLITS, TrainConfig, from_dict, load_toml
 from baffle.errors import BaffleError, ConfigError
@@ -66,6 +66,13 @@ HELP = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error instead of the usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -79,10 +86,10 @@ def _show(v: Any) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="baffle", description=(
+    p = _Parser(prog="baffle", description=(
         "Backpropagation-free federated learning (BAFFLE, Feng et al. 2023): clients run "
         "forward passes only and upload K loss differences."))
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a federated model (or resume a run)")
     t.add_argument("--config", help="TOML file with config keys (flags override it)")
     t.add_argument("--out", help="run directory to write (default: runs/<method>-<dataset>-<time>)")
