@@ -37,6 +37,7 @@ HELP = {
     "val_per_class": "validation examples held out per class (-1 = data set default)",
     "participation": "fraction of clients sampled each round",
     "clients_per_round": "exact number of clients sampled each round (overrides participation)",
+    "min_clients": "fewest valid uploads a round needs; with fewer the model stays unchanged",
     "K": "number of perturbation directions per estimate",
     "sigma": "perturbation scale: delta_k = sigma * eps_k",
     "scheme": "forward: d = L(W+delta) - L(W), K+1 passes; central: L(W+delta) - L(W-delta), 2K",

@@ -45,6 +45,7 @@ class TrainConfig:
     val_per_class: int = -1  # -1: the data set's default hold-out
     participation: float = 1.0  # fraction of clients sampled per round
     clients_per_round: int = 0  # if > 0, sample exactly this many instead
+    min_clients: int = 1  # a round with fewer valid uploads leaves the model unchanged
     # estimator
     K: int = 100
     sigma: float = 1e-4
@@ -118,6 +119,7 @@ def validate(c: TrainConfig) -> None:
     choose("engine", c.engine, ENGINES)
     validate_spec(c.K, c.sigma, c.scheme)
     positive_ints = {"clients": c.clients, "batch_size": c.batch_size, "chunk": c.chunk,
+                     "min_clients": c.min_clients,
                      "checkpoint_every": c.checkpoint_every}
     for name, v in positive_ints.items():
         if not isinstance(v, int) or v < 1:

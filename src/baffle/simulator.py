@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from baffle.schedule import lr_at
 from baffle.server import Server, make_optimizer, set_lr
 
 UploadHook = Callable[[int, Upload], Upload]
+log = logging.getLogger("baffle")
 
 
 class Callback(Protocol):
@@ -152,11 +154,15 @@ def client_batches(fed: Federation, client: int, round_: int, steps: int) -> lis
     return batches
 
 
-def round_seeds(config: TrainConfig, round_: int, client: int, steps: int) -> tuple[int, ...]:
-    """Direction seeds of one client's steps: shared by all clients, or per client."""
-    base = derive_seed(config.seed, "round", round_)
-    if config.seed_sharing == "client":
-        base = derive_seed(base, "client", client)
+def round_seed(config: TrainConfig, round_: int) -> int:
+    """The seed the server sends out with round ``round_``."""
+    return derive_seed(config.seed, "round", round_)
+
+
+def client_seeds(seed: int, seed_sharing: str, client: int, steps: int) -> tuple[int, ...]:
+    """Direction seeds of one client's steps, derived from the round's seed: the same for
+    every client (``round`` sharing) or the client's own (``client`` sharing)."""
+    base = derive_seed(seed, "client", client) if seed_sharing == "client" else seed
     return tuple(derive_seed(base, "step", s) for s in range(steps)) if steps > 1 else (base,)
 
 
@@ -166,8 +172,11 @@ def local_steps(fed: Federation, client: int) -> int:
                                                                         len(fed.clients[client])))
 
 
-def run_client(fed: Federation, client: int, round_: int, lr: float) -> Upload:
-    """What one client computes in a round, for every method and mode."""
+def run_client(fed: Federation, client: int, round_: int, lr: float, seed: int) -> Upload:
+    """What one client computes in a round from the server's (weights, seed, lr).
+
+    ``fed.server.model`` holds the weights the server sent; it is not modified.
+    """
     cfg, model = fed.config, fed.server.model
     make_opt = functools.partial(make_optimizer, cfg.optimizer, lr=lr, betas=cfg.betas,
                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -175,7 +184,7 @@ def run_client(fed: Federation, client: int, round_: int, lr: float) -> Upload:
         (batch,) = client_batches(fed, client, round_, 1)
         if cfg.method == "bp-fedsgd":
             return bp_gradient_update(client, model, fed.loss_fn, batch)
-        (seed,) = round_seeds(cfg, round_, client, 1)
+        (seed,) = client_seeds(seed, cfg.seed_sharing, client, 1)
         return fedsgd_update(client, model, fed.loss_fn, batch, seed, fed.spec, fed.dirs,
                              cfg.engine, cfg.chunk)  # type: ignore[arg-type]
     steps = local_steps(fed, client)
@@ -184,7 +193,7 @@ def run_client(fed: Federation, client: int, round_: int, lr: float) -> Upload:
     if cfg.method == "bp-fedavg":
         return bp_local_epoch_update(client, local, fed.loss_fn, batches, make_opt)
     return local_epoch_update(client, local, fed.loss_fn, batches,
-                              round_seeds(cfg, round_, client, steps), fed.spec, fed.dirs,
+                              client_seeds(seed, cfg.seed_sharing, client, steps), fed.spec, fed.dirs,
                               make_opt, cfg.clip_value, cfg.engine, cfg.chunk)  # type: ignore[arg-type]
 
 
@@ -252,6 +261,93 @@ def traffic(fed: Federation, u: Upload) -> tuple[int, int]:
     return down, up
 
 
+def begin_round(fed: Federation, r: int) -> float:
+    """Set and return the round's learning rate (schedule by epoch)."""
+    cfg = fed.config
+    lr = lr_at(r // fed.rounds_per_epoch, cfg.lr, cfg.lr_milestones, cfg.lr_gamma,
+               cfg.resolved_warmup_lr)
+    set_lr(fed.server.optimizer, lr)
+    return lr
+
+
+def finish_round(fed: Federation, r: int, lr: float, sampled: Sequence[int],
+                 uploads: Sequence[Upload], failures: Sequence[dict[str, Any]],
+                 started: float) -> dict[str, Any]:
+    """Validate the uploads, update the server (if enough are valid), EMA, evaluate.
+
+    ``failures`` are clients that sent nothing usable ({"client", "reason"}). Returns the
+    round's record. The in-process simulator and the Flower strategy both call this.
+    """
+    cfg, server = fed.config, fed.server
+    accepted, rejected = [], list(failures)
+    for u in uploads:
+        why = problem(fed, u)
+        if why is None:
+            accepted.append(u)
+        else:
+            rejected.append({"client": u.client, "reason": why})
+    note = None
+    if len(accepted) < cfg.min_clients:
+        note = (f"{len(accepted)} valid upload(s), fewer than min_clients={cfg.min_clients}: "
+                "model unchanged")
+        log.warning("round %d: %s", r, note)
+    else:
+        update_server(fed, accepted, lr)
+    for x in rejected:
+        log.warning("round %d: rejected client %s: %s", r, x["client"], x["reason"])
+    end_of_epoch = (r + 1) % fed.rounds_per_epoch == 0
+    if server.ema is not None and end_of_epoch:
+        server.ema.update(server.model)
+    record = round_record(fed, r, lr, sampled, accepted, rejected, time.perf_counter() - started)
+    if note:
+        record["note"] = note
+    if (cfg.eval_every and (r + 1) % cfg.eval_every == 0) or (
+            not cfg.eval_every and end_of_epoch) or r + 1 == fed.total_rounds:
+        record.update(evaluation(fed))
+    return record
+
+
+class RunLog:
+    """Run-directory side of training: create or resume, then log and checkpoint rounds."""
+
+    def __init__(self, run_dir: str | Path | None) -> None:
+        self.rd = RunDir(run_dir) if run_dir is not None else None
+
+    def saved_config(self) -> TrainConfig:
+        assert self.rd is not None
+        return self.rd.config()
+
+    def open(self, fed: Federation, resume: bool) -> tuple[int, list[dict[str, Any]]]:
+        """Restore the last checkpoint (resume) or start the directory; (start round, rows)."""
+        if self.rd is None:
+            return 0, []
+        if not resume:
+            self.rd.create(fed.config)
+            return 0, []
+        ckpt = self.rd.load_checkpoint()
+        if ckpt is None:
+            return 0, self.rd.truncate_metrics(0)
+        fed.server.load_state_dict(ckpt["server"])
+        start = int(ckpt["rounds_done"])
+        return start, self.rd.truncate_metrics(start)
+
+    def round_done(self, fed: Federation, record: dict[str, Any]) -> None:
+        if self.rd is None:
+            return
+        r = record["round"]
+        self.rd.append_metrics(record)
+        if (r + 1) % fed.config.checkpoint_every == 0 or r + 1 == fed.total_rounds:
+            self.rd.save_checkpoint({"rounds_done": r + 1, "server": fed.server.state_dict(),
+                                     "config": fed.config.to_dict()})
+
+    def close(self, fed: Federation, metrics: list[dict[str, Any]]) -> RunResult:
+        result = RunResult(fed.config, metrics, fed.server.eval_model(),
+                           summarize(fed, metrics), self.rd.path if self.rd else None)
+        if self.rd is not None:
+            self.rd.write_summary(result.summary, summary_table([result.summary]))
+        return result
+
+
 def train(
     config: TrainConfig,
     *,
@@ -268,65 +364,30 @@ def train(
     ``upload_hook(round, upload)`` stands between client and server (fault injection,
     transport); an upload it breaks is rejected and logged, never trained on.
     """
-    rd = RunDir(run_dir) if run_dir is not None else None
-    if rd is not None and resume:
-        config = rd.config()
+    run_log = RunLog(run_dir)
+    if resume:
+        config = run_log.saved_config()
     fed = setup(config, model, loss_fn, data)
-    cfg, server = fed.config, fed.server
-    start, metrics = 0, []
-    if rd is not None:
-        ckpt = rd.load_checkpoint() if resume else None
-        if ckpt is not None:
-            server.load_state_dict(ckpt["server"])
-            start = int(ckpt["rounds_done"])
-            metrics = rd.truncate_metrics(start)
-        elif resume:
-            metrics = rd.truncate_metrics(0)
-        else:
-            rd.create(cfg)
+    start, metrics = run_log.open(fed, resume)
     for r in range(start, fed.total_rounds):
         t0 = time.perf_counter()
-        epoch = r // fed.rounds_per_epoch
-        lr = lr_at(epoch, cfg.lr, cfg.lr_milestones, cfg.lr_gamma, cfg.resolved_warmup_lr)
-        set_lr(server.optimizer, lr)
-        accepted, rejected = [], []
-        sampled = sample_clients(cfg, r)
+        lr = begin_round(fed, r)
+        sampled = sample_clients(fed.config, r)
+        uploads, failures = [], []
         for c in sampled:
             try:
-                u = run_client(fed, c, r, lr)
-                u = upload_hook(r, u) if upload_hook else u
+                u = run_client(fed, c, r, lr, round_seed(fed.config, r))
+                uploads.append(upload_hook(r, u) if upload_hook else u)
             except Exception as e:  # noqa: BLE001 - a dying client must not kill the round
-                rejected.append({"client": c, "reason": f"client failed: {type(e).__name__}: {e}"})
-                continue
-            why = problem(fed, u)
-            if why is None:
-                accepted.append(u)
-            else:
-                rejected.append({"client": c, "reason": why})
-        if not accepted and rejected and all(x["reason"].startswith("client failed")
-                                            for x in rejected):
-            raise BaffleError(f"every client failed in round {r}: {rejected[0]['reason']}")
-        update_server(fed, accepted, lr)
-        end_of_epoch = (r + 1) % fed.rounds_per_epoch == 0
-        if server.ema is not None and end_of_epoch:
-            server.ema.update(server.model)
-        record = round_record(fed, r, lr, sampled, accepted, rejected, time.perf_counter() - t0)
-        if (cfg.eval_every and (r + 1) % cfg.eval_every == 0) or (
-            not cfg.eval_every and end_of_epoch) or r + 1 == fed.total_rounds:
-            record.update(evaluation(fed))
+                failures.append({"client": c, "reason": f"client failed: {type(e).__name__}: {e}"})
+        if len(failures) == len(sampled):
+            raise BaffleError(f"every client failed in round {r}: {failures[0]['reason']}")
+        record = finish_round(fed, r, lr, sampled, uploads, failures, t0)
         metrics.append(record)
-        if rd is not None:
-            rd.append_metrics(record)
-            if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == fed.total_rounds:
-                rd.save_checkpoint({"rounds_done": r + 1, "server": server.state_dict(),
-                                    "config": cfg.to_dict()})
+        run_log.round_done(fed, record)
         for cb in callbacks:
             cb.on_round(record, fed.total_rounds)
-    result = RunResult(cfg, metrics, server.eval_model(), summarize(fed, metrics),
-                       rd.path if rd else None)
-    if rd is not None:
-        rd.write_summary(result.summary, summary_table([result.summary]))
-    return result
+    return run_log.close(fed, metrics)
 
 
 def round_record(fed: Federation, r: int, lr: float, sampled: list[int],

@@ -1,0 +1,115 @@
+"""A Flower strategy (message API) that runs baffle's server side.
+
+It owns the ``Federation`` (global model, stock torch optimizer, EMA, schedule) and,
+each round, sends the weights with a ConfigRecord (seed, lr, K, sigma, scheme, scheme
+version and fingerprint), turns the replies into ``Upload`` objects and hands them to
+``simulator.finish_round``: the very function the in-process simulator uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from baffle.aggregate import Upload
+from baffle.directions import derive_seed
+from baffle.flower.wire import content_to_upload, round_config, weights_record
+from baffle.simulator import Federation, RunLog, begin_round, finish_round, round_seed
+
+log = logging.getLogger("baffle.flower")
+
+
+class BaffleStrategy(Strategy):
+    """BAFFLE (or a backprop baseline) as a Flower strategy.
+
+    ``first_round`` is the round index Flower's round 1 maps to (non-zero on resume).
+    ``min_available`` nodes must be connected before a round starts.
+    """
+
+    def __init__(self, fed: Federation, run_log: RunLog, first_round: int = 0,
+                 metrics: list[dict[str, Any]] | None = None, min_available: int = 1,
+                 wait_s: float = 600.0) -> None:
+        self.fed, self.run_log, self.first_round = fed, run_log, first_round
+        self.metrics = metrics if metrics is not None else []
+        self.min_available, self.wait_s = min_available, wait_s
+        self._pending: dict[str, Any] = {}
+
+    def summary(self) -> None:
+        c = self.fed.config
+        log.info("BaffleStrategy: method=%s mode=%s K=%d sigma=%g scheme=%s seed-sharing=%s",
+                 c.method, c.round_mode, c.K, c.sigma, c.scheme, c.seed_sharing)
+
+    def _sample(self, grid: Grid, r: int) -> list[int]:
+        """All connected nodes, or a seeded sample. The first round waits (up to
+        ``wait_s``) for ``min_available`` nodes; later ones go on with whoever is left."""
+        cfg = self.fed.config
+        deadline = time.monotonic() + (self.wait_s if r == self.first_round else 0)
+        while (len(nodes := sorted(grid.get_node_ids())) < self.min_available
+               and time.monotonic() < deadline) or not nodes:
+            log.info("waiting for nodes: %d connected, %d wanted", len(nodes), self.min_available)
+            time.sleep(1)
+        m = cfg.clients_per_round or max(1, round(cfg.participation * len(nodes)))
+        if m >= len(nodes):
+            return nodes
+        rng = np.random.default_rng(derive_seed(cfg.seed, "sample", r))
+        return sorted(int(n) for n in rng.choice(nodes, size=m, replace=False))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        fed = self.fed
+        r = self.first_round + server_round - 1
+        started = time.perf_counter()
+        lr = begin_round(fed, r)
+        nodes = self._sample(grid, r)
+        self._pending = {"round": r, "lr": lr, "nodes": nodes, "started": started}
+        content = RecordDict({"arrays": weights_record(fed.server.model),
+                              "config": round_config(r, round_seed(fed.config, r), lr,
+                                                     fed.config, fed.dirs)})
+        return [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN)
+                for n in nodes]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        p = self._pending
+        uploads: list[Upload] = []
+        failures: list[dict[str, Any]] = []
+        answered = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            if msg.has_error():
+                failures.append({"client": f"node {node}",
+                                 "reason": f"client failed: {msg.error.reason}"})
+                continue
+            try:
+                uploads.append(content_to_upload(msg.content))
+            except (KeyError, ValueError, TypeError) as e:
+                failures.append({"client": f"node {node}",
+                                 "reason": f"malformed upload: {type(e).__name__}: {e}"})
+        for node in set(p["nodes"]) - answered:
+            failures.append({"client": f"node {node}", "reason": "no reply before the timeout"})
+        record = finish_round(self.fed, p["round"], p["lr"], p["nodes"], uploads, failures,
+                              p["started"])
+        self.metrics.append(record)
+        self.run_log.round_done(self.fed, record)
+        log.info("round %d: %d accepted, %d rejected%s", record["round"], record["accepted"],
+                 record["rejected"],
+                 f", test top-1 {record['test_top1']:.2f}%" if "test_top1" in record else "")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))
+                   and not isinstance(v, bool)}
+        return weights_record(self.fed.server.model), MetricRecord(scalars)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # evaluation is central, on the server's test/validation sets
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return None
