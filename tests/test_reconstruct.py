@@ -136,3 +136,19 @@ def test_epoch_level_replay_reproduces_the_client_model():
     replayed = replay_local_epoch(fresh(), upload, spec, DIRS, make_opt, 0.3)
     for r, c in zip(replayed, client_model.parameters()):
         assert torch.allclose(r, c.detach(), rtol=0, atol=1e-7)
+
+
+def test_rebuild_does_not_depend_on_the_thread_count():
+    """A replaying server may have other cores than the client: the rebuild must be exact."""
+    shapes = [torch.Size((300, 301)), torch.Size((7,))]
+    spec = EstimatorSpec(40, 1e-3)
+    d = torch.randn(40, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = rebuild_gradient(shapes, 5, d, spec, DIRS)
+        torch.set_num_threads(max(2, threads))
+        many = rebuild_gradient(shapes, 5, d, spec, DIRS)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))

@@ -33,14 +33,18 @@ def rebuild_gradient(
     d = torch.as_tensor(diffs, dtype=torch.float32)
     if d.shape != (spec.K,):
         raise UploadError(f"expected {spec.K} loss differences, got shape {tuple(d.shape)}")
-    d = d.to(device)
+    weights = d.tolist()
     grads = []
     for p, shape in enumerate(shapes):
         g = torch.zeros(shape, dtype=torch.float32, device=device)
         for start in range(0, spec.K, _CHUNK):
             ks = range(start, min(spec.K, start + _CHUNK))
             eps = directions(dirs, seed, ks, p, shape, device)
-            g += torch.tensordot(d[start : ks.stop], eps, dims=1)
+            # Elementwise accumulation in a fixed k order: unlike a matmul, its rounding
+            # does not depend on the thread count, so a server replaying a client's local
+            # steps gets the client's exact gradient on any machine.
+            for i, k in enumerate(ks):
+                g.add_(eps[i], alpha=weights[k])
         grads.append(g.mul_(spec.scale))
     return grads
 

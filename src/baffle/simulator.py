@@ -280,7 +280,8 @@ def finish_round(fed: Federation, r: int, lr: float, sampled: Sequence[int],
     """
     cfg, server = fed.config, fed.server
     accepted, rejected = [], list(failures)
-    for u in uploads:
+    # Aggregate in client order, not arrival order: float sums depend on the order.
+    for u in sorted(uploads, key=lambda u: u.client):
         why = problem(fed, u)
         if why is None:
             accepted.append(u)

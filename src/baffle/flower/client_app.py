@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from baffle.aggregate import Upload
+from baffle.directions import DirectionScheme
 from baffle.flower.wire import config_from_run_config, load_weights, upload_to_content
 from baffle.simulator import Federation, run_client, setup
 
@@ -25,8 +28,16 @@ def _federation(run_config_json: str) -> Federation:
     return setup(cfg)
 
 
-def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
-    """A ClientApp; ``overrides`` are run-config values applied over Flower's run config."""
+def make_client_app(
+    overrides: dict[str, Any] | None = None,
+    tamper: Callable[[int, Upload], Upload] | None = None,
+    dirs: DirectionScheme | None = None,
+) -> ClientApp:
+    """A ClientApp; ``overrides`` are run-config values applied over Flower's run config.
+
+    ``tamper(client, upload)`` and ``dirs`` (this client's own direction scheme) exist to
+    test faulty and mismatched clients.
+    """
     app = ClientApp()
 
     @app.train()
@@ -35,9 +46,11 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         fed = _federation(json.dumps(run_config, sort_keys=True))
         client = int(context.node_config["partition-id"])
         rc = msg.content["config"]
-        fed.dirs.check(str(rc["scheme-version"]), str(rc["fingerprint"]))  # raises on mismatch
+        (dirs or fed.dirs).check(str(rc["scheme-version"]), str(rc["fingerprint"]))
         load_weights(fed.server.model, msg.content["arrays"])
         upload = run_client(fed, client, int(rc["round"]), float(rc["lr"]), int(rc["seed"]))
+        if tamper is not None:
+            upload = tamper(client, upload)
         return Message(upload_to_content(upload), reply_to=msg)
 
     return app

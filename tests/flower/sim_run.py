@@ -1,0 +1,63 @@
+"""Run one Flower simulation (Ray backend) of baffle's apps; used by tests/test_flower_sim.py.
+
+    python tests/flower/sim_run.py RUN_DIR NUM_SUPERNODES JSON_OVERRIDES [faulty]
+
+With ``faulty``: client 1 raises, 2 uploads a short vector, 3 a NaN, 4 runs another
+direction-scheme version; the others behave.
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+os.environ.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                  FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", RAY_USAGE_STATS_ENABLED="0",
+                  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", FLWR_HOME=tempfile.mkdtemp())
+
+from flwr.simulation import run_simulation  # noqa: E402
+
+from baffle.aggregate import Upload  # noqa: E402
+from baffle.directions import DirectionScheme  # noqa: E402
+from baffle.flower.client_app import make_client_app  # noqa: E402
+from baffle.flower.server_app import make_server_app  # noqa: E402
+
+
+def tamper(client: int, u: Upload) -> Upload:
+    if client == 1:
+        raise RuntimeError("client 1 lost power")
+    if client == 2:
+        return Upload(u.client, u.num_examples, u.seeds, u.diffs[:-1], loss=u.loss)
+    if client == 3:
+        return Upload(u.client, u.num_examples, u.seeds, u.diffs * float("nan"), loss=u.loss)
+    return u
+
+
+
+
+def main() -> None:
+    run_dir, n, overrides = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    faulty = len(sys.argv) > 4
+    overrides["run-dir"] = run_dir
+    client_app = make_client_app(overrides, tamper=tamper if faulty else None)
+    if faulty:  # client 4 draws with another scheme version: it must refuse to train
+        good = client_app
+        bad = make_client_app(overrides, dirs=DirectionScheme(version="baffle-dirs/0"))
+
+        from flwr.clientapp import ClientApp
+
+        client_app = ClientApp()
+
+        @client_app.train()
+        def train(msg, context):
+            pick = bad if int(context.node_config["partition-id"]) == 4 else good
+            return pick(msg, context)
+
+    run_simulation(server_app=make_server_app(overrides), client_app=client_app,
+                   num_supernodes=n,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+
+
+if __name__ == "__main__":
+    main()
