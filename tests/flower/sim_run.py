@@ -1,9 +1,12 @@
 """Run one Flower simulation (Ray backend) of baffle's apps; used by tests/test_flower_sim.py.
 
-    python tests/flower/sim_run.py RUN_DIR NUM_SUPERNODES JSON_OVERRIDES [faulty]
+    python tests/flower/sim_run.py RUN_DIR NUM_SUPERNODES JSON_OVERRIDES [faulty|secagg|secagg-dropout]
 
 With ``faulty``: client 1 raises, 2 uploads a short vector, 3 a NaN, 4 runs another
-direction-scheme version; the others behave.
+direction-scheme version; the others behave. ``secagg`` runs the SecAgg+ apps; with
+``secagg-dropout`` client 1 dies after the key exchange, mid-protocol. Every client's
+plaintext K-vector is appended to RUN_DIR/../plain.jsonl so tests can measure the
+aggregate's error (a test-only leak, of course).
 """
 
 import json
@@ -35,10 +38,31 @@ def tamper(client: int, u: Upload) -> Upload:
 
 
 
+def record_plain(run_dir: str, drop: bool):
+    def tamper(client: int, u: Upload) -> Upload:
+        if drop and client == 1:
+            raise RuntimeError("client 1 dropped out mid-protocol")
+        with open(os.path.join(os.path.dirname(run_dir), "plain.jsonl"), "a") as f:
+            f.write(json.dumps({"client": client, "seed": u.seeds[0], "n": u.num_examples,
+                                "d": u.diffs.tolist()}) + "\n")
+        return u
+    return tamper
+
+
 def main() -> None:
     run_dir, n, overrides = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-    faulty = len(sys.argv) > 4
+    mode = sys.argv[4] if len(sys.argv) > 4 else ""
+    faulty = mode == "faulty"
     overrides["run-dir"] = run_dir
+    if mode.startswith("secagg"):
+        from baffle.flower.secagg import make_secagg_client_app, make_secagg_server_app
+
+        tamper = record_plain(run_dir, mode == "secagg-dropout")
+        run_simulation(server_app=make_secagg_server_app(overrides),
+                       client_app=make_secagg_client_app(overrides, tamper), num_supernodes=n,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": 2, "include_dashboard": False}})
+        return
     client_app = make_client_app(overrides, tamper=tamper if faulty else None)
     if faulty:  # client 4 draws with another scheme version: it must refuse to train
         good = client_app

@@ -1,0 +1,221 @@
+"""Secure aggregation (SecAgg+) of the loss differences, through Flower's legacy workflow.
+
+The server learns only the example-weighted mean of the clients' K-vectors, which is
+all a shared-seed FedSGD round needs: g = scale * sum_k dbar_k eps_k is linear in dbar.
+
+Quantization. Each client uploads u = d / sigma (the directional derivatives, O(|grad|)
+whatever sigma is); Flower's SecAgg+ mod scales u by n_c / max_weight, clips it to
+[-c, c] and stochastically rounds it to one of 2^22 levels. With max_weight = the batch
+size and c = ``CLIP_MARGIN`` x the largest |u| measured on the server's validation data at
+the start, the rounding error of the mean is about c / 2^22 per entry (~1e-6 of c): far
+below the estimator's own noise. The server multiplies the mean back by sigma.
+Only ``--method baffle --mode fedsgd --seed-sharing round`` can be aggregated this way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.client import NumPyClient
+from flwr.clientapp import ClientApp
+from flwr.common import (
+    Context,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server import ServerApp, ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from baffle.aggregate import Upload
+from baffle.errors import ConfigError
+from baffle.estimator import loss_differences
+from baffle.flower.wire import config_from_run_config
+from baffle.simulator import (
+    Federation,
+    RunLog,
+    begin_round,
+    finish_round,
+    round_seed,
+    run_client,
+    setup,
+)
+
+log = logging.getLogger("baffle.flower")
+CLIP_MARGIN = 4.0
+
+
+def check_secagg_config(fed: Federation) -> None:
+    c = fed.config
+    if not (c.is_baffle and c.round_mode == "fedsgd" and c.seed_sharing == "round"):
+        raise ConfigError("secure aggregation needs --method baffle --mode fedsgd "
+                          "--seed-sharing round (the server may only learn the mean K-vector)")
+
+
+@torch.no_grad()
+def calibrate_clip(fed: Federation, batches: int = 4) -> float:
+    """c = CLIP_MARGIN x max |d / sigma| on a few server-side validation (or test) batches."""
+    data = fed.val if fed.val is not None else fed.data.test
+    B, peak = fed.config.batch_size, 0.0
+    for b in range(batches):
+        x, y = data.x[b * B:(b + 1) * B], data.y[b * B:(b + 1) * B]
+        if len(y) == 0:
+            break
+        est = loss_differences(fed.server.model, fed.loss_fn, x, y, 1000 + b, fed.spec, fed.dirs)
+        peak = max(peak, float(est.diffs.abs().max()) / fed.config.sigma)
+    return CLIP_MARGIN * max(peak, 1e-3)
+
+
+def _weights(fed: Federation) -> list[np.ndarray]:
+    return [v.detach().cpu().numpy() for v in fed.server.model.state_dict().values()]
+
+
+def _load(fed: Federation, arrays: list[np.ndarray]) -> None:
+    keys = list(fed.server.model.state_dict())
+    fed.server.model.load_state_dict({k: torch.from_numpy(np.array(a)) for k, a in
+                                      zip(keys, arrays, strict=True)})
+
+
+class SecAggBaffleStrategy(Strategy):
+    """Legacy Flower strategy: FedSGD BAFFLE whose aggregate arrives already summed."""
+
+    def __init__(self, fed: Federation, run_log: RunLog, first_round: int,
+                 metrics: list[dict[str, Any]], clip: float) -> None:
+        check_secagg_config(fed)
+        self.fed, self.run_log, self.first_round, self.metrics = fed, run_log, first_round, metrics
+        self.clip = clip
+        self._pending: dict[str, Any] = {}
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return ndarrays_to_parameters(_weights(self.fed))
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        fed = self.fed
+        r = self.first_round + server_round - 1
+        started = time.perf_counter()
+        lr = begin_round(fed, r)
+        n = client_manager.num_available()
+        clients = client_manager.sample(num_clients=n, min_num_clients=max(1, fed.config.min_clients))
+        seed = round_seed(fed.config, r)
+        self._pending = {"round": r, "lr": lr, "seed": seed, "started": started,
+                         "sampled": [int(c.node_id) for c in clients]}
+        config: dict[str, Scalar] = {"round": r, "seed": seed, "lr": lr,
+                                     "scheme-version": fed.dirs.version,
+                                     "fingerprint": fed.dirs.fingerprint()}
+        fit_ins = FitIns(ndarrays_to_parameters(_weights(fed)), config)
+        return [(c, fit_ins) for c in clients]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        p, fed = self._pending, self.fed
+        uploads = []
+        if results:
+            (mean_u,) = parameters_to_ndarrays(results[0][1].parameters)
+            dbar = torch.from_numpy(np.asarray(mean_u, dtype=np.float64) * fed.config.sigma).float()
+            total = sum(res.num_examples for _, res in results)
+            uploads = [Upload(-1, int(total), (p["seed"],), dbar,
+                              forward_passes=fed.spec.forward_passes)]
+        fails = [{"client": "secagg", "reason": f"dropped out: {f!r}"[:300]} for f in failures]
+        record = finish_round(fed, p["round"], p["lr"], p["sampled"], uploads, fails,
+                              p["started"])
+        record.update({"secagg_clients": len(results), "secagg_clip": self.clip,
+                       "aggregate": uploads[0].diffs.tolist() if uploads else None})
+        self.metrics.append(record)
+        self.run_log.round_done(fed, record)
+        return ndarrays_to_parameters(_weights(fed)), {}
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[Any]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: list[Any], failures: list[Any]
+                           ) -> tuple[float | None, dict[str, Scalar]]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters
+                 ) -> tuple[float, dict[str, Scalar]] | None:
+        return None
+
+
+def make_secagg_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
+    """ServerApp running SecAgg+ rounds. Run-config extras: ``secagg-shares`` (default: all
+    clients), ``secagg-threshold`` (default: 2/3 of the shares), ``round-timeout``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        raw = {**dict(context.run_config), **(overrides or {})}
+        extras = {k: raw.pop(k) for k in ("secagg-shares", "secagg-threshold") if k in raw}
+        cfg, flower = config_from_run_config(raw)
+        run_log = RunLog(flower["run-dir"] or None)
+        fed = setup(cfg)
+        check_secagg_config(fed)
+        start, metrics = run_log.open(fed, bool(flower["resume"]))
+        clip = calibrate_clip(fed)
+        strategy = SecAggBaffleStrategy(fed, run_log, start, metrics, clip)
+        shares = int(extras.get("secagg-shares", cfg.clients))
+        threshold = int(extras.get("secagg-threshold", max(2, (2 * shares + 2) // 3)))
+        log.info("SecAgg+: %d shares, threshold %d, clipping range %.4g, max_weight %d",
+                 shares, threshold, clip, cfg.batch_size)
+        legacy = LegacyContext(context, config=ServerConfig(num_rounds=fed.total_rounds - start),
+                               strategy=strategy)
+        workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+            num_shares=shares, reconstruction_threshold=threshold, clipping_range=clip,
+            max_weight=float(cfg.batch_size), timeout=float(flower["round-timeout"])))
+        workflow(grid, legacy)
+        result = run_log.close(fed, strategy.metrics)
+        print(f"baffle-summary: {result.summary}", flush=True)
+
+    return app
+
+
+class _BaffleNumPyClient(NumPyClient):
+    def __init__(self, fed: Federation, client: int, tamper: Any = None) -> None:
+        self.fed, self.client, self.tamper = fed, client, tamper
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]
+            ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+        fed = self.fed
+        fed.dirs.check(str(config["scheme-version"]), str(config["fingerprint"]))
+        _load(fed, parameters)
+        u = run_client(fed, self.client, int(config["round"]), float(config["lr"]),
+                       int(config["seed"]))
+        if self.tamper is not None:
+            u = self.tamper(self.client, u)
+        assert u.diffs is not None
+        return [(u.diffs.double() / fed.config.sigma).numpy()], u.num_examples, {}
+
+
+def make_secagg_client_app(overrides: dict[str, Any] | None = None,
+                           tamper: Any = None) -> ClientApp:
+    """ClientApp with Flower's ``secaggplus_mod``: it uploads d/sigma, masked."""
+    from flwr.client.mod import secaggplus_mod
+
+    cache: dict[str, Federation] = {}
+
+    def client_fn(context: Context) -> Any:
+        cfg, _ = config_from_run_config({**dict(context.run_config), **(overrides or {})})
+        key = repr(cfg)
+        if key not in cache:
+            cache[key] = setup(cfg)
+        return _BaffleNumPyClient(cache[key], int(context.node_config["partition-id"]),
+                                  tamper).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+
+
+server_app = make_secagg_server_app()
+client_app = make_secagg_client_app()
