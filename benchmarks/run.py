@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("seed_sharing",)
+BENCHMARKS = ("seed_sharing", "throughput", "memory", "compute_vs_bp", "communication",
+              "scaling")
 
 
 def main(argv: list[str]) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from baffle.directions import DirectionScheme
+from baffle.directions import DirectionCache, DirectionScheme
 from baffle.estimator import EstimatorSpec
 from baffle.reconstruct import rebuild_gradient
 
@@ -101,13 +101,14 @@ def aggregate_gradient(
     dirs: DirectionScheme,
     shared_seed: bool,
     device: torch.device | str = "cpu",
+    cache: DirectionCache | None = None,
 ) -> list[torch.Tensor]:
     """The round's gradient estimate from validated FedSGD uploads."""
     if shared_seed:
         seed = uploads[0].seeds[0]
         if any(u.seeds[0] != seed for u in uploads):
             raise ValueError("shared-seed round with differing seeds")
-        return rebuild_gradient(shapes, seed, mean_diffs(uploads), spec, dirs, device)
+        return rebuild_gradient(shapes, seed, mean_diffs(uploads), spec, dirs, device, cache)
     grads = [rebuild_gradient(shapes, u.seeds[0], u.diffs, spec, dirs, device) for u in uploads]
     return weighted_tensors(grads, weights_of(uploads))
 

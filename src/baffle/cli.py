@@ -43,8 +43,12 @@ HELP = {
     "scheme": "forward: d = L(W+delta) - L(W), K+1 passes; central: L(W+delta) - L(W-delta), 2K",
     "seed_sharing": f"{' | '.join(SEED_SHARING)}: one seed per round for all clients "
                     "(secure-aggregation compatible) or one per client (C*K directions)",
-    "engine": "batched (vmap over perturbations) | sequential (one model copy at a time)",
+    "engine": "batched (K perturbed models as one grouped pass) | sequential (one functional "
+              "copy at a time) | inplace (perturb the weights in place, exact restore: inference "
+              "memory) | vmap | auto (batched if it fits --max-memory, else inplace)",
     "chunk": "perturbed models per batched forward pass",
+    "max_memory": "memory budget for the estimator's scratch, e.g. 512MiB or 2GiB "
+                  "(auto = a quarter of the free memory); chunks K to fit",
     "epochs": "training length in epochs (a FedSGD epoch = the smallest client's batches)",
     "rounds": "training length in rounds (overrides --epochs)",
     "batch_size": "local mini-batch size",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from baffle.aggregate import Upload
-from baffle.directions import DirectionScheme
+from baffle.directions import DirectionCache, DirectionScheme
 from baffle.estimator import Engine, EstimatorSpec, LossFn, loss_differences, trainable_params
 from baffle.reconstruct import rebuild_gradient
 from baffle.server import step_with_gradient
@@ -30,12 +30,15 @@ def fedsgd_update(
     seed: int,
     spec: EstimatorSpec,
     dirs: DirectionScheme,
-    engine: Engine = "batched",
+    engine: Engine = "auto",
     chunk: int = 32,
+    max_memory: str | int | None = None,
+    cache: DirectionCache | None = None,
 ) -> Upload:
     """Evaluate K loss differences on one local batch; upload only those K numbers."""
     x, y = batch
-    est = loss_differences(model, loss_fn, x, y, seed, spec, dirs, engine, chunk)
+    est = loss_differences(model, loss_fn, x, y, seed, spec, dirs, engine, chunk,
+                           max_memory=max_memory, cache=cache)
     return Upload(client, len(y), (seed,), est.diffs, loss=est.loss,
                   forward_passes=est.forward_passes)
 
@@ -66,14 +69,16 @@ def local_epoch_update(
     dirs: DirectionScheme,
     make_optimizer: OptimizerMaker,
     clip: float | None,
-    engine: Engine = "batched",
+    engine: Engine = "auto",
     chunk: int = 32,
+    max_memory: str | int | None = None,
 ) -> Upload:
     """E local BAFFLE steps on the client's own copy of the model; upload (E, K) scalars."""
     optimizer = make_optimizer(trainable_params(model).values())
     rows, losses = [], []
     for (x, y), seed in zip(batches, seeds, strict=True):
-        est = loss_differences(model, loss_fn, x, y, seed, spec, dirs, engine, chunk)
+        est = loss_differences(model, loss_fn, x, y, seed, spec, dirs, engine, chunk,
+                               max_memory=max_memory)
         local_step(model, optimizer, seed, est.diffs, spec, dirs, clip)
         rows.append(est.diffs)
         losses.append(est.loss)

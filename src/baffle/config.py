@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from baffle.engines import resolve_budget
 from baffle.errors import ConfigError
 from baffle.estimator import ENGINES, validate_spec
 
@@ -51,8 +52,9 @@ class TrainConfig:
     sigma: float = 1e-4
     scheme: str = "forward"  # forward (K+1 passes) | central (2K passes)
     seed_sharing: str = "round"  # round: one seed for all clients | client: one per client
-    engine: str = "sequential"  # sequential | batched (sequential is faster on CPU today)
+    engine: str = "auto"  # auto | batched | inplace | sequential | vmap
     chunk: int = 32  # perturbed models per batched pass
+    max_memory: str = "auto"  # estimator scratch budget, e.g. 512MiB, 2GiB (auto = 1/4 of free)
     # schedule
     epochs: int = 20
     rounds: int = 0  # if > 0, overrides epochs
@@ -117,6 +119,7 @@ def validate(c: TrainConfig) -> None:
     choose("seed sharing", c.seed_sharing, SEED_SHARING)
     choose("split", c.split, SPLITS)
     choose("engine", c.engine, ENGINES)
+    resolve_budget(c.max_memory, "cpu")  # a one-line ConfigError for a bad size
     validate_spec(c.K, c.sigma, c.scheme)
     positive_ints = {"clients": c.clients, "batch_size": c.batch_size, "chunk": c.chunk,
                      "min_clients": c.min_clients,

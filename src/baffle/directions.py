@@ -109,3 +109,42 @@ def directions(
     for i, k in enumerate(ks):
         out[i].normal_(generator=scheme.generator(seed, k, p))  # same draw as ``direction``
     return out if device is None else out.to(device)
+
+
+class DirectionCache:
+    """Directions of one scheme kept for reuse, bit-identical to ``directions``.
+
+    In a shared-seed round every client and the server draw the same K directions; an
+    in-process simulator can hand one cache to all of them so each direction is drawn
+    once. Entries are per (seed, direction, parameter); beyond ``max_bytes`` it draws
+    without storing. Not thread-safe; make one per round and drop it.
+    """
+
+    def __init__(self, scheme: DirectionScheme, max_bytes: int = 512 << 20) -> None:
+        self.scheme, self.max_bytes, self.bytes = scheme, max_bytes, 0
+        self._store: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def directions(
+        self,
+        seed: int,
+        ks: range,
+        p: int,
+        shape: torch.Size | Sequence[int],
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Same values as ``directions(self.scheme, seed, ks, p, shape, device)``."""
+        out = torch.empty((len(ks), *shape), dtype=torch.float32, device=self.scheme.device)
+        for i, k in enumerate(ks):
+            hit = self._store.get((seed, k, p))
+            if hit is not None:
+                self.hits += 1
+                out[i].copy_(hit)
+                continue
+            self.misses += 1
+            out[i].normal_(generator=self.scheme.generator(seed, k, p))
+            size = out[i].numel() * 4
+            if self.bytes + size <= self.max_bytes:
+                self._store[(seed, k, p)] = out[i].clone()
+                self.bytes += size
+        return out if device is None else out.to(device)

@@ -5,35 +5,42 @@ With directions eps_k from the seed and delta_k = sigma * eps_k (Feng et al. 202
     forward:  d_k = L(W + delta_k) - L(W)             (K + 1 forward passes)
     central:  d_k = L(W + delta_k) - L(W - delta_k)   (2K forward passes)
 
-Perturbed points are evaluated with ``torch.func.functional_call`` on new tensors
-``W + sigma * eps``; the model's own parameters are never written, so they stay
-bit-identical. Only trainable parameters are perturbed, never buffers.
+Only trainable parameters are perturbed, never buffers, and the model's parameters are
+bit-identical after every call. Engines (``baffle.engines`` has the details):
 
-Engines:
-- ``sequential``: one perturbed model at a time (memory: one parameter-sized copy).
-- ``batched``: ``chunk`` perturbed models at once under ``torch.func.vmap``, which runs
-  the K copies of each conv/linear layer as one grouped/batched kernel.
-Both draw identical directions and agree to float32 rounding.
+- ``batched``: the K perturbed models run side by side as one grouped model (one wide
+  first layer, grouped convs, ``bmm`` linears), ``chunk`` at a time within the memory
+  budget; models with ops the grouped path does not know fall back to ``vmap``.
+- ``sequential``: one functional perturbed copy (``functional_call``) at a time.
+- ``inplace``: one perturbed model at a time written into the model's own weights, module
+  by module, with an exact snapshot/restore: memory close to plain inference.
+- ``vmap``: ``torch.func.vmap`` over ``functional_call`` (any model).
+- ``auto``: ``batched`` if a chunk fits the budget, else ``inplace`` (logged).
+All draw identical directions and agree to float32 rounding.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
-from baffle.directions import DirectionScheme, direction, directions
+from baffle import engines as eng
+from baffle.directions import DirectionCache, DirectionScheme
 from baffle.errors import ConfigError
 
 Scheme = Literal["forward", "central"]
-Engine = Literal["sequential", "batched"]
+Engine = Literal["sequential", "batched", "inplace", "vmap", "auto"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SCHEMES: tuple[str, ...] = ("forward", "central")
-ENGINES: tuple[str, ...] = ("sequential", "batched")
+ENGINES: tuple[str, ...] = ("sequential", "batched", "inplace", "vmap", "auto")
+log = logging.getLogger("baffle.estimator")
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,81 @@ def check_no_batchnorm(model: nn.Module) -> None:
         )
 
 
+_PLANS: weakref.WeakKeyDictionary[nn.Module, tuple[int, eng.GroupedPlan | str, dict]] = (
+    weakref.WeakKeyDictionary())
+
+
+def grouped_plan(model: nn.Module) -> eng.GroupedPlan | None:
+    """The model's grouped plan (cached per model and module structure), or None."""
+    shape = hash(tuple((n, type(m)) for n, m in model.named_modules()))
+    hit = _PLANS.get(model)
+    if hit is None or hit[0] != shape:
+        try:
+            hit = (shape, eng.plan(model), {})
+        except eng.Unsupported as e:
+            log.debug("grouped engine unavailable for %s: %s", type(model).__name__, e)
+            hit = (shape, str(e), {})
+        _PLANS[model] = hit
+    return hit[1] if isinstance(hit[1], eng.GroupedPlan) else None
+
+
+def _activation_bytes(model: nn.Module, plan: eng.GroupedPlan, x: torch.Tensor) -> int:
+    sizes = _PLANS[model][2]
+    key = (tuple(x.shape), x.dtype, str(x.device))
+    if key not in sizes:
+        sizes[key] = eng.activation_bytes(plan, x)
+    return int(sizes[key])
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """What ``loss_differences`` will run: the engine, perturbations per pass, and why."""
+
+    engine: str  # grouped | vmap | sequential | inplace
+    chunk: int
+    reason: str
+
+
+def choose_engine(
+    model: nn.Module,
+    x: torch.Tensor,
+    K: int,
+    engine: str = "auto",
+    chunk: int = 32,
+    max_memory: str | int | float | None = None,
+) -> EngineChoice:
+    """Resolve ``engine`` (and ``auto``) and the chunk size under the memory budget."""
+    params = trainable_params(model)
+    budget = eng.resolve_budget(max_memory, x.device)
+    pbytes = eng.param_bytes(params)
+    plan = grouped_plan(model) if engine in ("batched", "auto") else None
+    if engine in ("batched", "auto") and plan is not None:
+        per = eng.per_perturbation_bytes(_activation_bytes(model, plan, x), pbytes)
+        cap = chunk if engine == "batched" else min(chunk, _cap(x.device))
+        if engine == "batched" or per <= budget:
+            n = eng.chunk_for(per, budget, K, cap)
+            return EngineChoice("grouped", n, f"{n} perturbations per pass, "
+                                f"{per * n / 2**20:.0f} MiB of a {budget / 2**20:.0f} MiB budget")
+    if engine in ("batched", "vmap") or (engine == "auto" and x.device.type != "cpu"
+                                         and 2 * pbytes <= budget):
+        n = eng.chunk_for(2 * pbytes + 2 * x.numel() * x.element_size() * 64, budget, K, chunk)
+        why = "grouped path unsupported" if engine != "vmap" else "requested"
+        return EngineChoice("vmap", n, why)
+    if engine == "auto":
+        if 2 * pbytes > budget:
+            return EngineChoice("inplace", 1, f"a perturbed copy of the {pbytes / 2**20:.0f} MiB "
+                                f"of weights does not fit a {budget / 2**20:.0f} MiB budget")
+        if plan is not None:
+            return EngineChoice("inplace", 1, "one grouped perturbation's activations exceed "
+                                f"the {budget / 2**20:.0f} MiB budget")
+        return EngineChoice("sequential", 1, "grouped path unsupported on this model")
+    return EngineChoice(engine, 1, "requested")
+
+
+def _cap(device: torch.device) -> int:
+    return eng.CPU_CHUNK_CAP if device.type == "cpu" else 1 << 30
+
+
 @torch.no_grad()
 def loss_differences(
     model: nn.Module,
@@ -103,75 +185,63 @@ def loss_differences(
     dirs: DirectionScheme = DirectionScheme(),
     engine: Engine = "batched",
     chunk: int = 32,
+    *,
+    max_memory: str | int | float | None = None,
+    cache: DirectionCache | None = None,
 ) -> Estimate:
-    """The K loss differences d_k of ``model`` on batch (x, y) along the seed's directions."""
+    """The K loss differences d_k of ``model`` on batch (x, y) along the seed's directions.
+
+    ``chunk`` caps the perturbations per batched pass; ``max_memory`` (bytes, or a string
+    such as ``"2GiB"``; default a quarter of the free memory) bounds the scratch;
+    ``cache`` (a ``DirectionCache``) lets the clients of a shared-seed round draw once.
+    """
     check_no_batchnorm(model)
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
-    params = {n: p.detach() for n, p in trainable_params(model).items()}
+    params = trainable_params(model)  # the Parameters themselves: engines key on identity
     fixed = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     fixed.update(dict(model.named_buffers()))
 
-    def loss_at(point: dict[str, torch.Tensor]) -> torch.Tensor:
-        return loss_fn(functional_call(model, (point, fixed), (x,)), y)
+    x_orig = x
+
+    def loss_at(point: dict[str, torch.Tensor], xx: torch.Tensor | None = None) -> torch.Tensor:
+        return loss_fn(functional_call(model, (point, fixed), (x if xx is None else xx,)), y)
 
     if not params:  # nothing to perturb: every difference is exactly zero
         return Estimate(torch.zeros(spec.K), float(loss_at(params)), spec.forward_passes)
+    choice = choose_engine(model, x, spec.K, engine, chunk, max_memory)
+    if engine == "auto":
+        eng.log_choice(model, choice.engine, choice.reason)
+    if choice.engine != "vmap":  # same values, faster convs; every pass sees the same x
+        x = eng.to_channels_last(x)
+
+    draw = eng.drawer(dirs, seed, cache)
+
+    def losses(sign: float) -> torch.Tensor:
+        step = sign * spec.sigma
+        if choice.engine == "grouped":
+            plan = grouped_plan(model)
+            assert plan is not None
+            try:
+                return eng.grouped_losses(plan, loss_fn, x, y, params, draw, spec.K, step,
+                                          choice.chunk)
+            except eng.Unsupported as e:  # found only at run time (e.g. Linear on 3-D input)
+                log.debug("grouped engine failed on %s (%s); using vmap", type(model).__name__, e)
+                return eng.vmap_losses(lambda pt: loss_at(pt, x_orig), params, draw, spec.K,
+                                       step, choice.chunk)
+        if choice.engine == "vmap":
+            return eng.vmap_losses(loss_at, params, draw, spec.K, step, choice.chunk)
+        if choice.engine == "inplace":
+            return eng.inplace_losses(model, loss_fn, x, y, params, draw, spec.K, step)
+        return eng.sequential_losses(loss_at, params, draw, spec.K, step)
+
     signs = (1.0,) if spec.scheme == "forward" else (1.0, -1.0)
-    if engine == "sequential":
-        evaluate = _sequential_losses
-    else:
-        evaluate = _batched_losses
-    plus_minus = [evaluate(loss_at, params, seed, spec, dirs, s, chunk) for s in signs]
+    plus_minus = [losses(s) for s in signs]
     if spec.scheme == "forward":
-        base = loss_at(params)
-        diffs = plus_minus[0] - base
+        base = loss_fn(model(x), y) if choice.engine == "inplace" else loss_at(params)
+        diffs = plus_minus[0] - base.float().cpu()
         loss = float(base)
     else:
         diffs = plus_minus[0] - plus_minus[1]
         loss = float(torch.cat(plus_minus).mean())
     return Estimate(diffs.float().cpu(), loss, spec.forward_passes)
-
-
-def _sequential_losses(
-    loss_at: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-    params: dict[str, torch.Tensor],
-    seed: int,
-    spec: EstimatorSpec,
-    dirs: DirectionScheme,
-    sign: float,
-    chunk: int,
-) -> torch.Tensor:
-    """L(W + sign * sigma * eps_k) for k < K, one perturbed model at a time."""
-    step = sign * spec.sigma
-    out = torch.empty(spec.K)
-    for k in range(spec.K):
-        point = {
-            n: p + step * direction(dirs, seed, k, i, p.shape).to(p.device)
-            for i, (n, p) in enumerate(params.items())
-        }
-        out[k] = loss_at(point)
-    return out
-
-
-def _batched_losses(
-    loss_at: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-    params: dict[str, torch.Tensor],
-    seed: int,
-    spec: EstimatorSpec,
-    dirs: DirectionScheme,
-    sign: float,
-    chunk: int,
-) -> torch.Tensor:
-    """L(W + sign * sigma * eps_k) for k < K, ``chunk`` perturbed models per vmapped pass."""
-    step = sign * spec.sigma
-    batched_loss = vmap(loss_at)
-    out = []
-    for start in range(0, spec.K, max(1, chunk)):
-        ks = range(start, min(spec.K, start + max(1, chunk)))
-        points = {
-            n: p.unsqueeze(0) + step * directions(dirs, seed, ks, i, p.shape, p.device)
-            for i, (n, p) in enumerate(params.items())
-        }
-        out.append(batched_loss(points).cpu())
-    return torch.cat(out)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from baffle.directions import DirectionScheme, directions
+from baffle.directions import DirectionCache, DirectionScheme, directions
 from baffle.errors import UploadError
 from baffle.estimator import EstimatorSpec
 
@@ -28,8 +28,11 @@ def rebuild_gradient(
     spec: EstimatorSpec,
     dirs: DirectionScheme = DirectionScheme(),
     device: torch.device | str = "cpu",
+    cache: DirectionCache | None = None,
 ) -> list[torch.Tensor]:
-    """The gradient estimate, one tensor per trainable parameter (same order as shapes)."""
+    """The gradient estimate, one tensor per trainable parameter (same order as shapes).
+
+    ``cache`` reuses directions the round's clients already drew (same values)."""
     d = torch.as_tensor(diffs, dtype=torch.float32)
     if d.shape != (spec.K,):
         raise UploadError(f"expected {spec.K} loss differences, got shape {tuple(d.shape)}")
@@ -39,7 +42,8 @@ def rebuild_gradient(
         g = torch.zeros(shape, dtype=torch.float32, device=device)
         for start in range(0, spec.K, _CHUNK):
             ks = range(start, min(spec.K, start + _CHUNK))
-            eps = directions(dirs, seed, ks, p, shape, device)
+            eps = (cache.directions(seed, ks, p, shape, device) if cache is not None
+                   else directions(dirs, seed, ks, p, shape, device))
             # Elementwise accumulation in a fixed k order: unlike a matmul, its rounding
             # does not depend on the thread count, so a server replaying a client's local
             # steps gets the client's exact gradient on any machine.

@@ -45,8 +45,8 @@ class RunDir:
     def create(self, config: TrainConfig) -> None:
         if (self.path / CHECKPOINT).exists() or (self.path / METRICS).exists():
             raise ConfigError(
-                f"run directory {self.path} already holds a run; continue it with "
-                f"--resume {self.path} or choose another --out"
+                f"run directory {self.path} already holds a run; continue it (CLI: --resume "
+                f"{self.path}; Flower: resume=true) or choose another directory"
             )
         self.path.mkdir(parents=True, exist_ok=True)
         save_json(config, self.path / CONFIG)

@@ -36,7 +36,7 @@ from baffle.baselines import bp_gradient_update, bp_local_epoch_update
 from baffle.client import Batch, fedsgd_update, local_epoch_update, replay_local_epoch
 from baffle.config import TrainConfig
 from baffle.data import ArrayDataset, DataBundle, load_dataset, partition
-from baffle.directions import DirectionScheme, derive_seed
+from baffle.directions import DirectionCache, DirectionScheme, derive_seed
 from baffle.ema import EMA
 from baffle.errors import BaffleError
 from baffle.estimator import EstimatorSpec, LossFn, check_no_batchnorm, trainable_params
@@ -67,6 +67,7 @@ class Federation:
     dirs: DirectionScheme
     rounds_per_epoch: int
     total_rounds: int
+    cache: DirectionCache | None = None  # this round's shared directions (shared-seed FedSGD)
 
     @property
     def n_params(self) -> int:
@@ -186,7 +187,8 @@ def run_client(fed: Federation, client: int, round_: int, lr: float, seed: int) 
             return bp_gradient_update(client, model, fed.loss_fn, batch)
         (seed,) = client_seeds(seed, cfg.seed_sharing, client, 1)
         return fedsgd_update(client, model, fed.loss_fn, batch, seed, fed.spec, fed.dirs,
-                             cfg.engine, cfg.chunk)  # type: ignore[arg-type]
+                             cfg.engine, cfg.chunk, cfg.max_memory,  # type: ignore[arg-type]
+                             fed.cache)
     steps = local_steps(fed, client)
     batches = client_batches(fed, client, round_, steps)
     local = copy.deepcopy(model)
@@ -194,7 +196,8 @@ def run_client(fed: Federation, client: int, round_: int, lr: float, seed: int) 
         return bp_local_epoch_update(client, local, fed.loss_fn, batches, make_opt)
     return local_epoch_update(client, local, fed.loss_fn, batches,
                               client_seeds(seed, cfg.seed_sharing, client, steps), fed.spec, fed.dirs,
-                              make_opt, cfg.clip_value, cfg.engine, cfg.chunk)  # type: ignore[arg-type]
+                              make_opt, cfg.clip_value, cfg.engine,  # type: ignore[arg-type]
+                              cfg.chunk, cfg.max_memory)
 
 
 def problem(fed: Federation, u: Upload) -> str | None:
@@ -218,7 +221,7 @@ def update_server(fed: Federation, uploads: Sequence[Upload], lr: float) -> None
         server.load_average([u.tensors for u in uploads], weights_of(uploads))
     elif cfg.round_mode == "fedsgd":
         grads = aggregate_gradient(uploads, server.shapes, fed.spec, fed.dirs,
-                                   cfg.seed_sharing == "round", cfg.device)
+                                   cfg.seed_sharing == "round", cfg.device, fed.cache)
         server.apply_gradient(grads, cfg.clip_value)
     else:  # epoch-level BAFFLE: replay every client's trajectory from its scalars
         make_opt = functools.partial(make_optimizer, cfg.optimizer, lr=lr, betas=cfg.betas,
@@ -267,6 +270,8 @@ def begin_round(fed: Federation, r: int) -> float:
     lr = lr_at(r // fed.rounds_per_epoch, cfg.lr, cfg.lr_milestones, cfg.lr_gamma,
                cfg.resolved_warmup_lr)
     set_lr(fed.server.optimizer, lr)
+    shared = cfg.is_baffle and cfg.round_mode == "fedsgd" and cfg.seed_sharing == "round"
+    fed.cache = DirectionCache(fed.dirs) if shared else None  # drawn once, used by all
     return lr
 
 
@@ -299,6 +304,7 @@ def finish_round(fed: Federation, r: int, lr: float, sampled: Sequence[int],
     end_of_epoch = (r + 1) % fed.rounds_per_epoch == 0
     if server.ema is not None and end_of_epoch:
         server.ema.update(server.model)
+    fed.cache = None
     record = round_record(fed, r, lr, sampled, accepted, rejected, time.perf_counter() - started)
     if note:
         record["note"] = note

@@ -239,9 +239,10 @@ class LocalFlower:
     def tls(self) -> bool:
         return self.certs is not None
 
-    def _tls_args(self, server: bool) -> list[str]:
+    def _server_tls(self) -> list[str]:
+        """A server's TLS flags (SuperLink; SuperNode Runtime API), or nothing."""
         if self.certs is None:
-            return ["--insecure"] if server else []
+            return []
         c = self.certs
         return ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"),
                 "--ssl-keyfile", str(c / "server.key")]
@@ -271,8 +272,9 @@ class LocalFlower:
 
     def _start_superlink(self, timeout: float) -> None:
         self.port = free_port()
-        args = [_bin("flower-superlink"), *self._tls_args(server=True), "--host", HOST,
-                "--port", str(self.port), "--disable-runtime-dependency-installation"]
+        args = [_bin("flower-superlink"), *(self._server_tls() or ["--insecure"]),
+                "--host", HOST, "--port", str(self.port),
+                "--disable-runtime-dependency-installation"]
         if self.simulation:
             args.append("--simulation")
         self.superlink = self._spawn("superlink", args)
@@ -314,8 +316,7 @@ class LocalFlower:
         args = [_bin("flower-supernode"), *(root or ["--insecure"]),
                 "--superlink", f"{HOST}:{port}", "--host", HOST, "--port", str(free_port()),
                 "--node-config", f"partition-id={i} num-partitions={self.n}"]
-        if self.certs:  # the SuperNode's own Runtime API (its ClientApp process) on TLS too
-            args += self._tls_args(server=True)
+        args += self._server_tls()  # its own Runtime API (for its ClientApp) on TLS too
         return self._spawn(f"supernode-{i}", args)
 
     # -- the flwr CLI ----------------------------------------------------------------------
@@ -451,8 +452,21 @@ def main(argv: list[str] | None = None) -> int:
     if a.simulation and a.count_bytes:
         ap.error("--count-bytes needs SuperNode processes (not --simulation)")
 
-    fl = LocalFlower(a.dir, a.supernodes, a.certs, a.simulation, a.count_bytes)
-    with fl:
+    def interrupt(*_: object) -> None:  # on SIGTERM too: `with` stops every process,
+        for sig in (signal.SIGINT, signal.SIGTERM):  # and a second signal can't cut that short
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
+    try:
+        return _main(a)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(a: argparse.Namespace) -> int:
+    with LocalFlower(a.dir, a.supernodes, a.certs, a.simulation, a.count_bytes) as fl:
         where = f"{'https' if fl.tls else 'http'}://{HOST}:{fl.port}"
         kind = "virtual SuperNodes" if a.simulation else "SuperNodes"
         print(f"SuperLink {where} ({'simulation, ' if a.simulation else ''}"
@@ -461,18 +475,20 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "up":
             print(f"export FLWR_HOME={fl.dir / 'home'}\n"
                   f"flwr run {a.app} {CONNECTION}  # Ctrl-C here stops everything", flush=True)
-            stop = threading.Event()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop.set())
-            stop.wait()
-            return 0
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                return 0
         run_id = fl.submit(a.app, a.run_config, a.federation_config)
         print(f"run {run_id} submitted", flush=True)
         st = fl.wait(run_id, a.timeout)
-        summary = [line for line in fl.logs(run_id).splitlines() if "baffle-summary:" in line]
+        log = fl.logs(run_id).splitlines()
+        summary = [line for line in log if "baffle-summary:" in line]
         print(f"run {run_id}: {st['status']} in {st['elapsed']:.1f}s, Flower network traffic "
               f"{st['network-traffic']}")
-        print(summary[-1] if summary else "no baffle-summary line in the run's log")
+        print(summary[-1] if summary else "no baffle-summary line in the run's log; its end:\n"
+              + "\n".join(log[-15:]))
         for i, c in enumerate(fl.counters):
             up, down = c.counts()
             print(f"SuperNode {i}: {up} bytes up, {down} bytes down (TCP payload)")

@@ -40,6 +40,7 @@ class BaffleStrategy(Strategy):
         self.metrics = metrics if metrics is not None else []
         self.min_available, self.wait_s = min_available, wait_s
         self._pending: dict[str, Any] = {}
+        self._client_of: dict[int, int] = {}  # node id -> client index, learned from replies
 
     def summary(self) -> None:
         c = self.fed.config
@@ -72,8 +73,13 @@ class BaffleStrategy(Strategy):
         content = RecordDict({"arrays": weights_record(fed.server.model),
                               "config": round_config(r, round_seed(fed.config, r), lr,
                                                      fed.config, fed.dirs)})
-        return [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN)
-                for n in nodes]
+        messages = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN)
+                    for n in nodes]
+        self._pending["sent"] = messages  # Flower stamps their message ids when it pushes them
+        return messages
+
+    def _name(self, node: int) -> str:
+        return f"client {self._client_of[node]}" if node in self._client_of else f"node {node}"
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -81,20 +87,26 @@ class BaffleStrategy(Strategy):
         uploads: list[Upload] = []
         failures: list[dict[str, Any]] = []
         answered = set()
+        # A reply for a dead node comes from the SuperLink itself: map replies to the
+        # node they answer through the message ids, not through their sender.
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in p.get("sent", [])}
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             answered.add(node)
             if msg.has_error():
-                failures.append({"client": f"node {node}",
+                failures.append({"client": self._name(node),
                                  "reason": f"client failed: {msg.error.reason}"})
                 continue
             try:
-                uploads.append(content_to_upload(msg.content))
+                u = content_to_upload(msg.content)
             except (KeyError, ValueError, TypeError) as e:
-                failures.append({"client": f"node {node}",
+                failures.append({"client": self._name(node),
                                  "reason": f"malformed upload: {type(e).__name__}: {e}"})
-        for node in set(p["nodes"]) - answered:
-            failures.append({"client": f"node {node}", "reason": "no reply before the timeout"})
+                continue
+            self._client_of[node] = u.client
+            uploads.append(u)
+        for node in sorted(set(p["nodes"]) - answered):
+            failures.append({"client": self._name(node), "reason": "no reply before the timeout"})
         record = finish_round(self.fed, p["round"], p["lr"], p["nodes"], uploads, failures,
                               p["started"])
         self.metrics.append(record)

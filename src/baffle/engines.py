@@ -1,0 +1,517 @@
+"""Engines: evaluate L(W + sign * sigma * eps_k) for k < K, fast and within a memory budget.
+
+All engines draw the same directions (``baffle.directions``) and compute the same
+numbers up to float32 rounding; they differ in speed and memory.
+
+- ``grouped``: the K perturbed models run *side by side as one model*. The model is
+  traced with ``torch.fx`` and interpreted with every activation laid out as
+  ``(batch, Kc * channels, ...)``: the first conv/linear sees the shared batch once and
+  runs as one layer with Kc times the output channels; later convs run as one grouped
+  conv (``groups = Kc``), linears as one ``bmm``; activations, pooling and GroupNorm
+  (with Kc times the groups) act on the stacked tensor directly. Supported: Conv2d,
+  Linear, GroupNorm, elementwise activations, pooling, Flatten, Identity, residual adds
+  (the registry's LeNet and WRN). Anything else raises ``Unsupported``.
+- ``vmap``: ``torch.func.vmap`` over ``functional_call``; works for any model.
+- ``inplace``: one perturbed model at a time, written *into the model's own parameters*
+  module by module: a forward pre-hook snapshots a module's parameters into one scratch
+  buffer, regenerates their directions from the seed and adds them in place; the forward
+  hook copies the snapshot back (exact, never the +s/-s round trip). Extra memory: one
+  module's parameters and one parameter's direction. Requires that every parameter is
+  used only inside the forward of the module that owns it (true for the registry models).
+
+``chunk_for`` sizes Kc so that one chunk fits the memory budget (``parse_memory``,
+``default_budget``); ``choose_engine`` is the ``auto`` rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.func import vmap
+
+from baffle.directions import DirectionCache, DirectionScheme, directions
+from baffle.errors import ConfigError
+
+log = logging.getLogger("baffle.engines")
+
+LossAt = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+# draw(ks, p, shape, device) -> directions ks of parameter p, stacked: (len(ks), *shape)
+Draw = Callable[[range, int, torch.Size, torch.device], torch.Tensor]
+
+
+def drawer(dirs: DirectionScheme, seed: int, cache: DirectionCache | None = None) -> Draw:
+    """The direction source of one estimate: fresh draws, or a shared ``DirectionCache``."""
+    if cache is not None:
+        if cache.scheme != dirs:
+            raise ValueError("the direction cache was made for another scheme")
+        return lambda ks, p, shape, device: cache.directions(seed, ks, p, shape, device)
+    return lambda ks, p, shape, device: directions(dirs, seed, ks, p, shape, device)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Perturbations per grouped pass on a CPU under `auto`: wider grouped convs lose to dense
+# ones and activations fall out of cache (measured: BENCHMARKS.md, section throughput).
+CPU_CHUNK_CAP = 2
+
+
+class Unsupported(Exception):
+    """The grouped engine cannot run this model (an op it does not know)."""
+
+
+# --------------------------------------------------------------------------- memory
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40,
+          "tb": 10**12, "tib": 1 << 40}
+
+
+def parse_memory(text: str | int | float) -> int:
+    """Bytes from ``"512MiB"``, ``"2GiB"``, ``"1.5GB"``, ``"800"`` (a bare number is MiB)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), "mib"
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ConfigError(f"bad memory size {text!r}; write e.g. 512MiB, 2GiB or 1.5GB")
+        value, unit = float(m.group(1)), (m.group(2).lower() or "mib")
+    n = int(value * _UNITS[unit])
+    if n <= 0:
+        raise ConfigError(f"memory size must be > 0 (got {text!r})")
+    return n
+
+
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Free bytes on ``device``: MemAvailable on a CPU, free memory on a CUDA device."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
+
+
+def default_budget(device: torch.device | str = "cpu") -> int:
+    """The default budget for the estimator's scratch: a quarter of the free memory."""
+    return max(64 << 20, available_memory(device) // 4)
+
+
+def resolve_budget(max_memory: str | int | float | None, device: torch.device | str) -> int:
+    """Bytes of the budget: ``max_memory`` parsed, or ``default_budget`` if None/""/"auto"."""
+    if max_memory is None or (isinstance(max_memory, str) and max_memory.strip().lower()
+                              in ("", "auto")):
+        return default_budget(device)
+    return parse_memory(max_memory)
+
+
+# --------------------------------------------------------------------------- grouped
+_ELEMENTWISE = (nn.Hardswish, nn.ReLU, nn.ReLU6, nn.SELU, nn.GELU, nn.SiLU, nn.ELU,
+                nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Mish, nn.Softplus,
+                nn.Hardsigmoid)
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_INPLACE_FN: dict[type[nn.Module], Callable[..., torch.Tensor]] = {
+    nn.Hardswish: F.hardswish, nn.ReLU: F.relu, nn.SELU: F.selu, nn.SiLU: F.silu,
+    nn.ReLU6: F.relu6, nn.Hardsigmoid: F.hardsigmoid,
+}
+_ADDS = (operator.add, torch.add, operator.iadd)
+_FLATTENS = (torch.flatten,)
+
+
+@dataclass
+class GroupedPlan:
+    """A traced model whose every node the grouped interpreter knows how to run."""
+
+    graph: fx.Graph
+    modules: dict[str, nn.Module]
+    last_use: dict[fx.Node, list[fx.Node]]  # node -> values that die after it runs
+
+
+def plan(model: nn.Module) -> GroupedPlan:
+    """Trace ``model`` and check every node; raise ``Unsupported`` naming the first bad op."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "not for this engine"
+        raise Unsupported(f"torch.fx cannot trace {type(model).__name__}: {e}") from None
+    graph = gm.graph
+    modules = dict(gm.named_modules())
+    for node in list(graph.nodes):  # Identity/eval-Dropout are aliases: splice them out
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise Unsupported(f"grouped engine needs forward(x) with one input, got {len(placeholders)}")
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op == "call_module":
+            mod = modules[node.target]
+            if isinstance(mod, nn.Conv2d):
+                if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                    raise Unsupported(f"Conv2d with padding {mod.padding!r}/{mod.padding_mode}")
+            elif isinstance(mod, nn.Flatten):
+                if mod.start_dim != 1 or mod.end_dim != -1:
+                    raise Unsupported("Flatten other than Flatten(1, -1)")
+            elif not isinstance(mod, (nn.Linear, nn.GroupNorm, *_ELEMENTWISE, *_POOLS)):
+                raise Unsupported(f"module {type(mod).__name__} ({node.target})")
+        elif node.op == "call_function" and node.target in _ADDS:
+            if len(node.args) != 2 or node.kwargs:
+                raise Unsupported("add with alpha or more than two operands")
+        elif node.op == "call_function" and node.target in _FLATTENS:
+            if tuple(node.args[1:]) not in ((1,),) or node.kwargs:
+                raise Unsupported("torch.flatten other than flatten(x, 1)")
+        elif node.op == "call_method" and node.target == "flatten":
+            if tuple(node.args[1:]) != (1,) or node.kwargs:
+                raise Unsupported("Tensor.flatten other than flatten(1)")
+        else:
+            raise Unsupported(f"{node.op} {node.target}")
+    order = list(graph.nodes)
+    seen: set[fx.Node] = set()
+    last_use: dict[fx.Node, list[fx.Node]] = {n: [] for n in order}
+    for node in reversed(order):  # a value dies after its last user runs
+        for arg in node.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                last_use[node].append(arg)
+    return GroupedPlan(graph, modules, last_use)
+
+
+class _Stacked:
+    """Run one chunk of Kc perturbed models through a plan."""
+
+    def __init__(self, plan_: GroupedPlan, perturbed: dict[int, torch.Tensor], Kc: int,
+                 channels_last: bool = False) -> None:
+        self.plan, self.perturbed, self.Kc = plan_, perturbed, Kc  # id(param) -> (Kc, *shape)
+        self.channels_last = channels_last
+
+    def param(self, p: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+        if p is None:
+            return None, False
+        stacked = self.perturbed.get(id(p))
+        return (p, False) if stacked is None else (stacked, True)
+
+    def spread(self, t: torch.Tensor | None, stacked: bool) -> torch.Tensor | None:
+        """A parameter as Kc stacked copies flattened along dim 0 (perturbed or repeated)."""
+        if t is None:
+            return None
+        if stacked:
+            return t.flatten(0, 1)
+        return t.repeat(self.Kc, *([1] * (t.dim() - 1)))
+
+    def to_stacked(self, h: torch.Tensor) -> torch.Tensor:
+        return h.repeat(1, self.Kc, *([1] * (h.dim() - 2)))
+
+    def conv(self, m: nn.Conv2d, h: torch.Tensor, st: bool) -> tuple[torch.Tensor, bool]:
+        w, wp = self.param(m.weight)
+        b, bp = self.param(m.bias)
+        if not (st or wp or bp):
+            return m(h), False
+        if not st and m.groups != 1:
+            h, st = self.to_stacked(h), True
+        weight = self.spread(w, wp)
+        if self.channels_last and weight is not None:  # oneDNN's fast layout on CPUs
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        bias = self.spread(b, bp)
+        groups = m.groups * (self.Kc if st else 1)
+        return F.conv2d(h, weight, bias, m.stride, m.padding, m.dilation, groups), True
+
+    def linear(self, m: nn.Linear, h: torch.Tensor, st: bool) -> tuple[torch.Tensor, bool]:
+        w, wp = self.param(m.weight)
+        b, bp = self.param(m.bias)
+        if not (st or wp or bp):
+            return m(h), False
+        if h.dim() != 2:
+            raise Unsupported("Linear on an input that is not (batch, features)")
+        Kc, B = self.Kc, h.shape[0]
+        assert w is not None
+        W = w if wp else w.expand(Kc, *w.shape)  # (Kc, out, in)
+        if st:
+            hk = h.view(B, Kc, -1).transpose(0, 1)  # (Kc, B, in)
+            if b is None:
+                out = torch.bmm(hk, W.transpose(1, 2))
+            else:
+                bias = b if bp else b.expand(Kc, *b.shape)
+                out = torch.baddbmm(bias.unsqueeze(1), hk, W.transpose(1, 2))
+            return out.transpose(0, 1).reshape(B, -1), True
+        out = F.linear(h, W.reshape(-1, W.shape[-1]), self.spread(b, bp))
+        return out, True
+
+    def group_norm(self, m: nn.GroupNorm, h: torch.Tensor, st: bool) -> tuple[torch.Tensor, bool]:
+        w, wp = self.param(m.weight)
+        b, bp = self.param(m.bias)
+        if not (st or wp or bp):
+            return m(h), False
+        if not st:
+            h = self.to_stacked(h)
+        return F.group_norm(h, m.num_groups * self.Kc, self.spread(w, wp), self.spread(b, bp),
+                            m.eps), True
+
+    def add(self, a: Any, b: Any) -> tuple[Any, bool]:
+        (ta, sa), (tb, sb) = a, b
+        if sa == sb or not isinstance(ta, torch.Tensor) or not isinstance(tb, torch.Tensor):
+            return ta + tb, sa or sb
+        s, t = (ta, tb) if sa else (tb, ta)  # s stacked (B, Kc*C, ...), t shared (B, C, ...)
+        return (s.unflatten(1, (self.Kc, -1)) + t.unsqueeze(1)).flatten(1, 2), True
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        env: dict[fx.Node, tuple[Any, bool]] = {}
+        out: tuple[torch.Tensor, bool] | None = None
+        modules = self.plan.modules
+        for node in self.plan.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = (x, False)
+            elif node.op == "output":
+                out = env[node.args[0]]
+            elif node.op == "call_module":
+                m = modules[node.target]
+                h, st = env[node.args[0]]
+                if isinstance(m, nn.Conv2d):
+                    env[node] = self.conv(m, h, st)
+                elif isinstance(m, nn.Linear):
+                    env[node] = self.linear(m, h, st)
+                elif isinstance(m, nn.GroupNorm):
+                    env[node] = self.group_norm(m, h, st)
+                elif type(m) in _INPLACE_FN and self._may_overwrite(node):
+                    env[node] = (_INPLACE_FN[type(m)](h, inplace=True), st)
+                else:  # activations and pools act per channel: stacking is invisible to them
+                    env[node] = (m(h), st)
+            elif node.target in _ADDS:
+                env[node] = self.add(env[node.args[0]], env[node.args[1]])
+            else:  # flatten(x, 1): (B, Kc*C, H, W) -> (B, Kc*C*H*W) keeps each k contiguous
+                h, st = env[node.args[0]]
+                env[node] = (h.flatten(1), st)
+            for dead in self.plan.last_use[node]:
+                env.pop(dead, None)
+        assert out is not None
+        return out
+
+    def _may_overwrite(self, node: fx.Node) -> bool:
+        """True if ``node``'s input dies here and is a tensor of our own (not x, no view)."""
+        arg = node.args[0]
+        return (isinstance(arg, fx.Node) and arg in self.plan.last_use[node]
+                and arg.op == "call_module"
+                and not isinstance(self.plan.modules[arg.target], nn.Flatten))
+
+
+def grouped_losses(
+    plan_: GroupedPlan,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    draw: Draw,
+    K: int,
+    step: float,
+    chunk: int,
+) -> torch.Tensor:
+    """L(W + step * eps_k) for k < K, ``chunk`` perturbed models per grouped pass."""
+    out = []
+    for start in range(0, K, max(1, chunk)):
+        ks = range(start, min(K, start + max(1, chunk)))
+        perturbed = {
+            id(p): p.unsqueeze(0) + step * draw(ks, i, p.shape, p.device)
+            for i, p in enumerate(params.values())
+        }
+        logits, stacked = _Stacked(plan_, perturbed, len(ks), prefer_channels_last(x)).run(
+            to_channels_last(x))
+        if not stacked:
+            raise Unsupported("the output does not depend on any perturbed parameter")
+        per_k = logits.unflatten(1, (len(ks), -1))
+        out.append(torch.stack([loss_fn(per_k[:, j], y) for j in range(len(ks))]).float().cpu())
+    return torch.cat(out)
+
+
+def activation_bytes(plan_: GroupedPlan, x: torch.Tensor) -> int:
+    """Peak bytes of live activations of one (unperturbed) forward pass through the plan."""
+    peak = live = 0
+    sizes: dict[fx.Node, int] = {}
+    run = _Stacked(plan_, {}, 1)
+    env: dict[fx.Node, tuple[Any, bool]] = {}
+    for node in plan_.graph.nodes:  # same walk as _Stacked.run, counting bytes
+        if node.op == "placeholder":
+            env[node] = (x, False)
+            continue
+        if node.op == "output":
+            break
+        if node.op == "call_module":
+            m = plan_.modules[node.target]
+            env[node] = (m(env[node.args[0]][0]), False)
+        elif node.target in _ADDS:
+            env[node] = run.add(env[node.args[0]], env[node.args[1]])
+        else:
+            env[node] = (env[node.args[0]][0].flatten(1), False)
+        t = env[node][0]
+        sizes[node] = t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+        live += sizes[node]
+        peak = max(peak, live)
+        for dead in plan_.last_use[node]:
+            live -= sizes.pop(dead, 0)
+            env.pop(dead, None)
+    return peak
+
+
+def prefer_channels_last(x: torch.Tensor) -> bool:
+    """Images on a CPU: oneDNN convolutions run about twice as fast in channels-last."""
+    return x.dim() == 4 and x.device.type == "cpu"
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last memory if that is faster (same values, other strides)."""
+    return x.to(memory_format=torch.channels_last) if prefer_channels_last(x) else x
+
+
+# --------------------------------------------------------------------------- vmap
+def vmap_losses(
+    loss_at: LossAt,
+    params: dict[str, torch.Tensor],
+    draw: Draw,
+    K: int,
+    step: float,
+    chunk: int,
+) -> torch.Tensor:
+    """L(W + step * eps_k) for k < K, ``chunk`` perturbed models per vmapped pass."""
+    batched_loss = vmap(loss_at)
+    out = []
+    for start in range(0, K, max(1, chunk)):
+        ks = range(start, min(K, start + max(1, chunk)))
+        points = {
+            n: p.unsqueeze(0) + step * draw(ks, i, p.shape, p.device)
+            for i, (n, p) in enumerate(params.items())
+        }
+        out.append(batched_loss(points).float().cpu())
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- sequential
+def sequential_losses(
+    loss_at: LossAt,
+    params: dict[str, torch.Tensor],
+    draw: Draw,
+    K: int,
+    step: float,
+) -> torch.Tensor:
+    """L(W + step * eps_k) for k < K, one functional perturbed copy at a time."""
+    out = torch.empty(K)
+    for k in range(K):
+        point = {
+            n: p + step * draw(range(k, k + 1), i, p.shape, p.device)[0]
+            for i, (n, p) in enumerate(params.items())
+        }
+        out[k] = loss_at(point)
+    return out
+
+
+# --------------------------------------------------------------------------- in-place
+@contextmanager
+def _perturb_in_place(model: nn.Module, index: dict[int, int], draw: Draw, step: float,
+                      k: list[int]) -> Iterator[None]:
+    """Hooks that perturb each module's own parameters just for its forward, then restore.
+
+    ``k[0]`` is the direction currently evaluated (a cell, so one set of hooks serves all k).
+    """
+    owners = [(m, [p for p in m.parameters(recurse=False) if id(p) in index])
+              for m in model.modules()]
+    owners = [(m, ps) for m, ps in owners if ps]
+    scratch_numel = max((sum(p.numel() for p in ps) for _, ps in owners), default=0)
+    ref = next(p for _, ps in owners for p in ps) if owners else None
+    scratch = (torch.empty(scratch_numel, dtype=ref.dtype, device=ref.device)
+               if ref is not None else None)
+    active: list[list[torch.Tensor]] = []
+
+    def pre(m: nn.Module, _: Any, ps: list[torch.Tensor]) -> None:
+        assert scratch is not None
+        if active:  # a module called inside another owner's forward: restore that one first
+            raise RuntimeError("nested parameter owners are not supported by the inplace engine")
+        offset = 0
+        for p in ps:
+            scratch[offset:offset + p.numel()].copy_(p.reshape(-1))
+            offset += p.numel()
+            eps = draw(range(k[0], k[0] + 1), index[id(p)], p.shape, p.device)[0].to(p.dtype)
+            p.add_(eps.mul_(step))  # p + step*eps: the same float ops as the other engines
+        active.append(ps)
+
+    def post(m: nn.Module, _: Any, __: Any) -> None:
+        restore()
+
+    def restore() -> None:
+        if not active or scratch is None:
+            return
+        offset = 0
+        for p in active.pop():
+            p.copy_(scratch[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    handles = []
+    for m, ps in owners:
+        handles.append(m.register_forward_pre_hook(lambda mod, a, ps=ps: pre(mod, a, ps)))
+        handles.append(m.register_forward_hook(post))
+    try:
+        yield
+    finally:
+        restore()  # a forward that raised mid-module leaves one module perturbed
+        for h in handles:
+            h.remove()
+
+
+def inplace_losses(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    draw: Draw,
+    K: int,
+    step: float,
+) -> torch.Tensor:
+    """L(W + step * eps_k) for k < K, each evaluated in the model's own (restored) weights."""
+    index = {id(p): i for i, p in enumerate(params.values())}
+    out = torch.empty(K)
+    cell = [0]
+    with _perturb_in_place(model, index, draw, step, cell):
+        for k in range(K):
+            cell[0] = k
+            out[k] = loss_fn(model(x), y)
+    return out
+
+
+# --------------------------------------------------------------------------- sizing, auto
+def param_bytes(params: dict[str, torch.Tensor]) -> int:
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def chunk_for(per_perturbation: int, budget: int, K: int, cap: int) -> int:
+    """The largest Kc <= min(K, cap) whose Kc * ``per_perturbation`` bytes fit ``budget``."""
+    return max(1, min(K, cap, budget // max(1, per_perturbation)))
+
+
+def per_perturbation_bytes(act_bytes: int, n_param_bytes: int) -> int:
+    """Scratch one more perturbation adds to a grouped pass: its activations (x2 for the
+    temporaries of a layer: input and output live together) and its weights (x2: the
+    direction and the perturbed copy)."""
+    return 2 * act_bytes + 2 * n_param_bytes
+
+
+_logged: set[tuple[str, str, int]] = set()
+
+
+def log_choice(model: nn.Module, engine: str, why: str) -> None:
+    """Log the engine ``auto`` picked, once per model class, engine and reason."""
+    key = (type(model).__name__, engine, hash(why))
+    level = logging.INFO if key not in _logged else logging.DEBUG
+    _logged.add(key)
+    log.log(level, "engine auto -> %s for %s: %s", engine, type(model).__name__, why)

@@ -1,0 +1,51 @@
+"""The benchmarks' own arithmetic: the FLOP counter by hand, the traffic table, section
+writing into a temporary file (never the real BENCHMARKS.md)."""
+
+import pytest
+import torch
+from torch import nn
+
+import benchmarks.common as common
+from benchmarks import communication
+from benchmarks.flops import forward_macs
+from baffle.models import build_model
+
+
+def test_flop_counter_matches_a_hand_count_for_lenet():
+    model = build_model("lenet", num_classes=10, in_channels=1)
+    # conv1: 16 out x 32x32 x (1 x 5x5); conv2: 64 x 16x16 x (16 x 5x5); linear 64 -> 10
+    per_image = 16 * 32 * 32 * 25 + 64 * 16 * 16 * 16 * 25 + 64 * 10
+    assert forward_macs(model, torch.zeros(3, 1, 32, 32)) == 3 * per_image
+
+
+def test_flop_counter_handles_groups_and_strides():
+    conv = nn.Conv2d(8, 4, 3, stride=2, padding=1, groups=2)
+    # out 4 x 5x5, each output sums (8/2) x 3x3 inputs
+    assert forward_macs(conv, torch.zeros(1, 8, 10, 10)) == 4 * 5 * 5 * 4 * 9
+
+
+def test_communication_bytes_are_exact():
+    n = 26_730  # LeNet on MNIST
+    assert communication.bytes_of("baffle", "fedsgd", n) == (4 * n + 8, 4 * 100 + 8 + 8)
+    steps = communication.STEPS_PER_EPOCH
+    assert communication.bytes_of("baffle", "epoch", n) == (4 * n + 8, steps * (400 + 8) + 8)
+    assert communication.bytes_of("bp-fedsgd", "fedsgd", n) == (4 * n, 4 * n + 8)
+
+
+def test_communication_section_goes_to_the_file_it_is_given(tmp_path, monkeypatch):
+    target = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(common, "BENCHMARKS_MD", target)
+    communication.main()
+    communication.main()  # rewriting a section replaces it
+    text = target.read_text()
+    assert text.count("<!-- section:communication -->") == 1
+    assert "| lenet | 26,730 | BAFFLE FedSGD | 106,928 | 416 |" in text
+
+
+@pytest.mark.parametrize("mode", ["plain inference", "BAFFLE inplace"])
+def test_memory_child_reports_a_peak(mode, monkeypatch):
+    from benchmarks import memory
+
+    monkeypatch.setenv("BAFFLE_BENCH_QUICK", "1")
+    r = memory.run_child("lenet", mode)
+    assert r["peak"] >= r["base"] > 0

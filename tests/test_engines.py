@@ -1,0 +1,139 @@
+"""Engines: grouped, vmap and in-place equal sequential; weights bit-identical; auto and budgets."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baffle import engines as eng
+from baffle.directions import DirectionScheme
+from baffle.errors import ConfigError
+from baffle.estimator import EstimatorSpec, choose_engine, grouped_plan, loss_differences
+from baffle.models import build_model
+
+DIRS = DirectionScheme()
+
+
+def _model(name):
+    cin, norm = (1, "none") if name == "lenet" else (3, "group")
+    model = build_model(name, num_classes=10, in_channels=cin, norm=norm,
+                        generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, cin, 12, 12, generator=g)
+    return model, x, torch.randint(0, 10, (6,), generator=g)
+
+
+@pytest.mark.parametrize("name", ["lenet", "wrn-10-2"])
+@pytest.mark.parametrize("scheme", ["forward", "central"])
+def test_every_engine_equals_sequential(name, scheme):
+    model, x, y = _model(name)
+    assert grouped_plan(model) is not None  # the fast path really runs on the registry models
+    before = [p.clone() for p in model.parameters()]
+    spec = EstimatorSpec(9, 1e-3, scheme)
+    ref = loss_differences(model, F.cross_entropy, x, y, 4, spec, DIRS, "sequential")
+    for engine, chunk in [("batched", 1), ("batched", 4), ("batched", 9), ("inplace", 1),
+                          ("vmap", 5), ("auto", 32)]:
+        est = loss_differences(model, F.cross_entropy, x, y, 4, spec, DIRS, engine, chunk)
+        # each loss (~2.3) is exact to float32 rounding, a few 1e-7; d_k is ~1e-3
+        assert torch.allclose(est.diffs, ref.diffs, atol=2e-6, rtol=0), (engine, chunk)
+        assert est.loss == pytest.approx(ref.loss, abs=1e-6)
+        assert est.forward_passes == ref.forward_passes
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("scheme", ["forward", "central"])
+def test_inplace_restores_parameters_bit_identically(scheme):
+    """Large sigma makes a +s/-s round trip inexact; the snapshot restore must not be."""
+    model, x, y = _model("wrn-10-2")
+    before = [p.detach().clone() for p in model.parameters()]
+    versions = loss_differences(model, F.cross_entropy, x, y, 2, EstimatorSpec(3, 0.37, scheme),
+                                DIRS, "inplace")
+    assert torch.isfinite(versions.diffs).all()
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_inplace_restores_even_when_the_loss_raises():
+    model, x, y = _model("lenet")
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def bad_loss(out, _):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        loss_differences(model, bad_loss, x, y, 2, EstimatorSpec(3, 0.5), DIRS, "inplace")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+class Unusual(nn.Module):
+    """An op the grouped path does not know (a channel mean mixes the stacked models)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(1, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(1, 2, 3)).unsqueeze(1))
+
+
+def test_unknown_ops_fall_back_and_stay_exact():
+    model = Unusual()
+    assert grouped_plan(model) is None
+    x, y = torch.rand(4, 1, 6, 6), torch.randint(0, 3, (4,))
+    spec = EstimatorSpec(5, 1e-2)
+    ref = loss_differences(model, F.cross_entropy, x, y, 1, spec, DIRS, "sequential")
+    for engine in ("batched", "auto"):
+        est = loss_differences(model, F.cross_entropy, x, y, 1, spec, DIRS, engine)
+        assert torch.allclose(est.diffs, ref.diffs, atol=2e-6, rtol=0)
+
+
+def test_auto_picks_inplace_under_a_tiny_budget_and_logs_it(caplog):
+    model, x, y = _model("wrn-10-2")
+    assert choose_engine(model, x, 100, "auto", 32, "1GiB").engine == "grouped"
+    tiny = choose_engine(model, x, 100, "auto", 32, "100KiB")
+    assert tiny.engine == "inplace" and "budget" in tiny.reason
+    with caplog.at_level(logging.DEBUG, logger="baffle.engines"):
+        loss_differences(model, F.cross_entropy, x, y, 0, EstimatorSpec(2), DIRS, "auto",
+                         max_memory="100KiB")
+    assert any("inplace" in r.getMessage() for r in caplog.records)
+
+
+def test_chunks_shrink_to_the_budget():
+    model, x, _ = _model("lenet")
+    big = choose_engine(model, x, 64, "batched", 64, "1GiB")
+    small = choose_engine(model, x, 64, "batched", 64, "1MiB")
+    assert big.chunk == 64 and 1 <= small.chunk < 64
+
+
+@pytest.mark.parametrize("text,expect", [("512MiB", 512 << 20), ("2GiB", 2 << 30),
+                                         ("1.5GB", 1_500_000_000), ("800", 800 << 20),
+                                         (64, 64 << 20), ("10 kib", 10 << 10)])
+def test_parse_memory(text, expect):
+    assert eng.parse_memory(text) == expect
+
+
+@pytest.mark.parametrize("text", ["", "two GiB", "3 parsecs", "0MiB", "-1GiB"])
+def test_parse_memory_refuses_nonsense(text):
+    with pytest.raises(ConfigError):
+        eng.parse_memory(text)
+
+
+@pytest.mark.parametrize("engine", ["batched", "inplace", "sequential"])
+def test_a_shared_direction_cache_changes_nothing(engine):
+    from baffle.directions import DirectionCache, directions
+
+    model, x, y = _model("lenet")
+    spec = EstimatorSpec(5, 1e-3)
+    cache = DirectionCache(DIRS)
+    ref = loss_differences(model, F.cross_entropy, x, y, 9, spec, DIRS, engine)
+    for _ in range(2):  # first call fills the cache, second reads it
+        est = loss_differences(model, F.cross_entropy, x, y, 9, spec, DIRS, engine, cache=cache)
+        assert torch.equal(est.diffs, ref.diffs)
+    assert cache.hits > 0
+    shape = next(model.parameters()).shape
+    assert torch.equal(cache.directions(9, range(5), 0, shape), directions(DIRS, 9, range(5), 0, shape))

@@ -1,0 +1,183 @@
+"""BAFFLE on a real Flower deployment: a SuperLink and SuperNodes on 127.0.0.1, driven by
+the ``flwr`` CLI exactly as flower-app/README.md does it.
+
+- TLS on, 2 SuperNodes, ``flwr run``: the run completes, both clients are accepted every
+  round, and the numbers equal the in-process simulator's.
+- A SuperNode SIGKILLed after the first round does not kill the run: the next round
+  logs it as a rejection and trains on the survivor.
+- ``flwr run`` on a simulation-mode SuperLink (virtual SuperNodes on Ray).
+Each test starts its own processes and stops all of them, descendants included; every
+socket they listen on must be on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "flower-app"
+CERTS_SH = ROOT / "scripts" / "flower-certs.sh"
+
+needs_flower = pytest.mark.skipif(
+    importlib.util.find_spec("flwr") is None or not sys.platform.startswith("linux"),
+    reason="needs flwr (pip install -e '.[flower]') and Linux /proc")
+
+
+def app_config() -> dict:
+    return tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_app_config_lists_every_train_config_field_and_parses():
+    """Only keys in [tool.flwr.app.config] can be overridden by ``flwr run --run-config``."""
+    pytest.importorskip("flwr")
+    from baffle.config import TrainConfig
+    from baffle.flower.wire import FLOWER_KEYS, config_from_run_config
+
+    cfg = app_config()
+    want = {f.name.replace("_", "-") for f in fields(TrainConfig)} | set(FLOWER_KEYS)
+    assert set(cfg) == want
+    train_cfg, flower = config_from_run_config(cfg)
+    assert (train_cfg.dataset, train_cfg.clients, train_cfg.rounds) == ("digits", 2, 3)
+    assert flower == {"run-dir": "", "resume": False, "round-timeout": 600.0}
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+def rows(run_dir: Path) -> list[dict]:
+    p = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def wait_watching(fl, run_id: int, timeout: float) -> tuple[dict, set]:
+    """Wait for the run while recording every (address, port) its processes listen on."""
+    from baffle.flower.launch import listening_sockets
+
+    seen: set = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        seen |= {(a, p) for _, a, p in listening_sockets(fl.pids())}
+        st = fl.status(run_id)
+        if st["status"].startswith("finished"):
+            return st, seen
+        assert time.monotonic() < deadline, f"run still {st['status']} after {timeout}s"
+        time.sleep(1)
+
+
+def assert_loopback_only(seen: set) -> None:
+    """Every listener on 127.0.0.1 (Ray's dual-stack sockets show it as ::ffff:127.0.0.1)."""
+    assert seen, "found no listening sockets at all"
+    assert {a.removeprefix("::ffff:") for a, _ in seen} == {"127.0.0.1"}, sorted(seen)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not found")
+    d = tmp_path_factory.mktemp("certs")
+    subprocess.run(["bash", str(CERTS_SH), str(d)], check=True, capture_output=True)
+    return d
+
+
+@pytest.fixture
+def deployment(tmp_path, certs):
+    """A TLS SuperLink and two SuperNodes; stopped (every descendant too) afterwards."""
+    from baffle.flower.launch import LocalFlower, _alive
+
+    fl = LocalFlower(tmp_path / "flower", supernodes=2, certs=certs)
+    try:
+        fl.start()
+        yield fl
+    finally:
+        started = fl.pids()
+        fl.stop()
+        assert not [p for p in started if _alive(p)], "processes outlived stop()"
+
+
+# -- the tests -------------------------------------------------------------------------
+
+@needs_flower
+@pytest.mark.slow
+def test_tls_deployment_trains_like_the_simulator(deployment, tmp_path):
+    from baffle import train
+    from baffle.flower.wire import config_from_run_config
+
+    fl = deployment
+    plain = f"http://127.0.0.1:{fl.port}/health"  # TLS really is on: plain HTTP is refused
+    with pytest.raises(OSError):
+        urllib.request.urlopen(plain, timeout=5)
+
+    run_dir = tmp_path / "run"
+    overrides = {"K": 10, "rounds": 3, "run-dir": str(run_dir), "round-timeout": 120.0}
+    run_id = fl.submit(APP, overrides)
+    st, seen = wait_watching(fl, run_id, timeout=240)
+    assert st["status"] == "finished:completed", fl.logs(run_id)[-3000:]
+    assert_loopback_only(seen)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    got = rows(run_dir)
+    assert summary["rounds"] == 3 and len(got) == 3
+    assert [(r["accepted"], r["rejected"]) for r in got] == [(2, 0)] * 3
+    assert all(r["bytes_up_per_client"] == 4 * 10 + 8 + 8 for r in got)
+    assert "baffle-summary:" in fl.logs(run_id)
+    assert st["network-traffic"]["total-bytes"] > 0
+
+    cfg, _ = config_from_run_config({**app_config(), **overrides, "run-dir": ""})
+    ref = train(cfg).metrics
+    assert [r["train_loss"] for r in got] == pytest.approx([r["train_loss"] for r in ref],
+                                                           rel=1e-5)
+    assert got[-1]["test_top1"] == pytest.approx(ref[-1]["test_top1"], abs=0.3)
+
+
+@needs_flower
+@pytest.mark.slow
+def test_killed_supernode_does_not_kill_the_run(deployment, tmp_path):
+    fl = deployment
+    run_dir = tmp_path / "run"
+    # the strategy waits for all `clients` nodes only in the first round; later rounds go
+    # on with whoever replies within round-timeout
+    run_id = fl.submit(APP, {"K": 10, "rounds": 2, "run-dir": str(run_dir),
+                             "round-timeout": 40.0})
+    deadline = time.monotonic() + 150
+    while not rows(run_dir):
+        assert time.monotonic() < deadline, "first round never finished"
+        time.sleep(0.2)
+    fl.kill_node(1)  # SIGKILL the SuperNode, its SuperExec and ClientApp
+
+    st = fl.wait(run_id, timeout=150)
+    assert st["status"] == "finished:completed", fl.logs(run_id)[-3000:]
+    got = rows(run_dir)
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
+    assert (got[0]["accepted"], got[0]["rejected"]) == (2, 0)
+    assert got[1]["accepted"] == 1  # the survivor trained on
+    reasons = [x["reason"] for x in got[1]["rejections"]]
+    assert reasons and all("timeout" in r or "unavailable" in r.lower() for r in reasons), reasons
+    assert "rejected client" in fl.logs(run_id)
+
+
+@needs_flower
+@pytest.mark.slow
+def test_flwr_run_on_the_simulation_engine(tmp_path):
+    from baffle.flower.launch import LocalFlower
+
+    run_dir = tmp_path / "run"
+    with LocalFlower(tmp_path / "flower", supernodes=2, simulation=True) as fl:
+        run_id = fl.submit(APP, {"K": 10, "rounds": 2, "run-dir": str(run_dir)},
+                           {"num-supernodes": 2, "client-resources-num-cpus": 1})
+        st, seen = wait_watching(fl, run_id, timeout=240)
+        started = fl.pids()
+    assert st["status"] == "finished:completed"
+    assert_loopback_only(seen)  # Ray's GCS, raylet and workers included
+    assert [(r["accepted"], r["rejected"]) for r in rows(run_dir)] == [(2, 0)] * 2
+    from baffle.flower.launch import _alive
+    assert not [p for p in started if _alive(p)]
