@@ -57,9 +57,9 @@ def main() -> None:
     if mode.startswith("secagg"):
         from baffle.flower.secagg import make_secagg_client_app, make_secagg_server_app
 
-        tamper = record_plain(run_dir, mode == "secagg-dropout")
+        recorder = record_plain(run_dir, mode == "secagg-dropout")
         run_simulation(server_app=make_secagg_server_app(overrides),
-                       client_app=make_secagg_client_app(overrides, tamper), num_supernodes=n,
+                       client_app=make_secagg_client_app(overrides, recorder), num_supernodes=n,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                        "init_args": {"num_cpus": 2, "include_dashboard": False}})
         return

@@ -1,0 +1,114 @@
+"""Accuracy against the paper: the authors' MNIST setting (LeNet, no norm, Hardswish,
+C=10 iid, K=100, sigma=1e-4, Adam lr 1e-2, EMA, batch 32) for both modes, both seed
+sharings and the backprop baselines; test top-1 against epochs and forward passes.
+
+    python -m benchmarks.run accuracy          # trains every run (hours on a CPU)
+
+Each run lives in ``runs/accuracy/<name>`` and resumes where it stopped, so the command
+can be interrupted and re-run. ``BAFFLE_ACC_EPOCHS`` (default 20) sets the length,
+``BAFFLE_ACC_RUNS`` (comma-separated names) a subset, ``BAFFLE_MNIST_DIR`` the data
+(default ``../shared/data/mnist``); ``BAFFLE_ACC_REPORT_ONLY=1`` tabulates the run
+directories as they are, without training. The section tabulates whatever the run directories
+hold, so a partial run reports how far it got.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from baffle import TrainConfig, train
+from baffle.rundir import RunDir
+from benchmarks.common import ROOT, table, write_section
+
+MNIST = os.environ.get("BAFFLE_MNIST_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
+AUTHORS = dict(dataset="mnist", data_dir=MNIST, model="lenet", norm="none",
+               activation="hardswish", clients=10, split="iid", K=100, sigma=1e-4,
+               scheme="forward", optimizer="adam", lr=1e-2, ema=True, batch_size=32)
+RUNS: dict[str, dict[str, Any]] = {
+    "baffle-fedsgd-round": dict(mode="fedsgd", seed_sharing="round"),
+    "baffle-fedsgd-client": dict(mode="fedsgd", seed_sharing="client"),
+    "baffle-epoch-round": dict(mode="epoch", seed_sharing="round"),
+    "baffle-epoch-client": dict(mode="epoch", seed_sharing="client"),
+    "bp-fedsgd": dict(method="bp-fedsgd"),
+    "bp-fedavg": dict(method="bp-fedavg"),
+}
+OUT = ROOT / "runs" / "accuracy"
+PAPER = 95.17  # "95.17% accuracy on MNIST with 20 communication rounds"
+
+
+def command(cfg: dict[str, Any]) -> str:
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items())
+    return f"baffle train {flags}"
+
+
+def curve(run: Path) -> list[tuple[float, float, float]]:
+    """(epoch, cumulative forward passes per client, test top-1) at each evaluation."""
+    out, fwd = [], 0.0
+    for r in RunDir(run).metrics():
+        fwd += r["fwd_per_client"]
+        if "test_top1" in r:
+            out.append((r["epoch"], fwd, r["test_top1"]))
+    return out
+
+
+def report(runs: dict[str, Path], epochs: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, fig, axes = [], *plt.subplots(1, 2, figsize=(11, 4))
+    for name, run in runs.items():
+        pts = curve(run)
+        if not pts:
+            continue
+        best = max(p[2] for p in pts)
+        reach = next((p for p in pts if p[2] >= 95.2), None)
+        rows.append([name, f"{pts[-1][0]:.1f}", f"{pts[-1][2]:.2f}", f"{best:.2f}",
+                     "-" if reach is None else f"epoch {reach[0]:.0f}, {reach[1]:,.0f} passes",
+                     " ".join(f"{p[2]:.1f}" for p in pts)])
+        axes[0].plot([p[0] for p in pts], [p[2] for p in pts], marker=".", label=name)
+        axes[1].plot([p[1] for p in pts], [p[2] for p in pts], marker=".", label=name)
+    axes[0].set(xlabel="epoch", ylabel="test top-1 (%)")
+    axes[1].set(xlabel="forward passes per client", ylabel="test top-1 (%)", xscale="log")
+    for ax in axes:
+        ax.axhline(PAPER, color="grey", ls=":", lw=1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    figure = ROOT / "benchmarks" / "figures" / "accuracy.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=100)
+    plt.close(fig)
+    cmds = "\n".join(f"- {n}: `{command({**AUTHORS, **RUNS[n], 'epochs': epochs})}`"
+                     for n in runs if n in RUNS)
+    body = (
+        f"The authors' MNIST setting; target: at least 95.2% test top-1 within {epochs} "
+        f"epochs (the paper reports {PAPER}%). Runs train for {epochs} epochs; a run "
+        "cut short reports the epochs it finished.\n\n"
+        + table(["run", "epochs done", "last test top-1 %", "best %", "first >= 95.2%",
+                 "test top-1 after each epoch"], rows)
+        + f"\n\nRuns (each resumable with `baffle train --resume runs/accuracy/NAME`):\n{cmds}"
+        + "\n\n![accuracy](benchmarks/figures/accuracy.png)"
+    )
+    write_section("accuracy", "Accuracy against the paper: MNIST, the authors' setting", body)
+
+
+def main() -> None:
+    epochs = int(os.environ.get("BAFFLE_ACC_EPOCHS", "20"))
+    names = [n for n in os.environ.get("BAFFLE_ACC_RUNS", ",".join(RUNS)).split(",") if n]
+    runs = {}
+    for name in names:
+        run = OUT / name
+        cfg = TrainConfig(**{**AUTHORS, **RUNS[name], "epochs": epochs})
+        if not os.environ.get("BAFFLE_ACC_REPORT_ONLY"):
+            train(cfg, run_dir=run, resume=(run / "config.json").exists())
+        if (run / "metrics.jsonl").exists():
+            runs[name] = run
+    report(runs, epochs)
+
+
+if __name__ == "__main__":
+    main()
