@@ -270,8 +270,6 @@ def begin_round(fed: Federation, r: int) -> float:
     lr = lr_at(r // fed.rounds_per_epoch, cfg.lr, cfg.lr_milestones, cfg.lr_gamma,
                cfg.resolved_warmup_lr)
     set_lr(fed.server.optimizer, lr)
-    shared = cfg.is_baffle and cfg.round_mode == "fedsgd" and cfg.seed_sharing == "round"
-    fed.cache = DirectionCache(fed.dirs) if shared else None  # drawn once, used by all
     return lr
 
 
@@ -379,7 +377,10 @@ def train(
     for r in range(start, fed.total_rounds):
         t0 = time.perf_counter()
         lr = begin_round(fed, r)
-        sampled = sample_clients(fed.config, r)
+        cfg = fed.config
+        if cfg.is_baffle and cfg.round_mode == "fedsgd" and cfg.seed_sharing == "round":
+            fed.cache = DirectionCache(fed.dirs)  # in process, clients and server draw once
+        sampled = sample_clients(cfg, r)
         uploads, failures = [], []
         for c in sampled:
             try:
