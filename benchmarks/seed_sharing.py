@@ -16,7 +16,7 @@ SEEDS = (0, 1)
 def main() -> None:
     rows = []
     for sharing in ("round", "client"):
-        accs, walls, rebuild = [], [], []
+        accs, walls = [], []
         for seed in SEEDS:
             t0 = time.perf_counter()
             res = train(BASE.replace(seed_sharing=sharing, seed=seed))

@@ -18,7 +18,6 @@ from sklearn.datasets import load_digits
 
 from baffle.data import (
     CIFAR10,
-    CIFAR100,
     DATASETS,
     ArrayDataset,
     available_datasets,
