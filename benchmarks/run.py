@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("seed_sharing", "throughput", "memory", "compute_vs_bp", "communication",
+BENCHMARKS = ("seed_sharing", "passes", "throughput", "memory", "compute_vs_bp", "communication",
               "scaling", "flower", "accuracy")  # accuracy trains for hours on a CPU: run it last
 
 

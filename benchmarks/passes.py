@@ -1,0 +1,115 @@
+"""Fewer forward passes for the same accuracy: central vs forward differences, seed
+sharing, sigma and K, each against the paper's protocol (forward, K=100, one seed per
+round) on the same data, model and epochs.
+
+    python -m benchmarks.run passes      # ~20 min on one CPU core
+
+The target is the reference's accuracy at the end of its budget (mean over seeds); a
+variant's cost is the forward passes per client until its seed-mean test accuracy
+first reaches it. "Half" means at most half the reference's passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from baffle import TrainConfig, train
+from benchmarks.common import ROOT, table, write_section
+
+BASE = TrainConfig(dataset="digits", clients=10, K=100, sigma=1e-4, lr=0.03, epochs=40)
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    changes: dict[str, Any]
+
+    def config(self, seed: int) -> TrainConfig:
+        return BASE.replace(seed=seed, **self.changes)
+
+
+REFERENCE = Variant("paper protocol: forward, K=100, round seed", {})
+VARIANTS = (
+    REFERENCE,
+    Variant("forward, K=50, round seed", dict(K=50)),
+    Variant("central, K=50, round seed", dict(K=50, scheme="central")),
+    Variant("forward, K=100, round seed, sigma 1e-3", dict(sigma=1e-3)),
+    Variant("forward, K=100, client seeds", dict(seed_sharing="client")),
+    Variant("forward, K=50, client seeds", dict(K=50, seed_sharing="client")),
+    Variant("forward, K=25, client seeds", dict(K=25, seed_sharing="client")),
+    Variant("central, K=25, client seeds", dict(K=25, scheme="central", seed_sharing="client")),
+    Variant("forward, K=50, client seeds, sigma 1e-3",
+            dict(K=50, seed_sharing="client", sigma=1e-3)),
+)
+
+
+def curves(variant: Variant) -> tuple[list[float], list[list[float]]]:
+    """Cumulative forward passes per client at each evaluation, and test top-1 per seed."""
+    passes, accs = [], []
+    for seed in SEEDS:
+        fwd, xs, ys = 0.0, [], []
+        for r in train(variant.config(seed)).metrics:
+            fwd += r["fwd_per_client"]
+            if "test_top1" in r:
+                xs.append(fwd)
+                ys.append(r["test_top1"])
+        passes, accs = xs, accs + [ys]
+    return passes, accs
+
+
+def first_reach(passes: list[float], mean: list[float], target: float) -> float | None:
+    return next((p for p, a in zip(passes, mean) if a >= target), None)
+
+
+def main() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = {v.name: curves(v) for v in VARIANTS}
+    ref_passes, ref_accs = results[REFERENCE.name]
+    ref_mean = [sum(a) / len(a) for a in zip(*ref_accs)]
+    target = ref_mean[-1]
+    ref_cost = first_reach(ref_passes, ref_mean, target)
+    assert ref_cost is not None
+    rows = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for v in VARIANTS:
+        passes, accs = results[v.name]
+        mean = [sum(a) / len(a) for a in zip(*accs)]
+        cost = first_reach(passes, mean, target)
+        share = None if cost is None else cost / ref_cost
+        verdict = ("not reached" if share is None
+                   else "reference" if v is REFERENCE
+                   else f"{share:.0%}" + (" (half or less)" if share <= 0.5 else ""))
+        rows.append([v.name, f"{passes[-1] / len(passes):.0f}",
+                     " / ".join(f"{a[-1]:.1f}" for a in accs), f"{mean[-1]:.2f}",
+                     "-" if cost is None else f"{cost:,.0f}", verdict])
+        ax.plot(passes, mean, marker=".", ms=3, label=v.name)
+    ax.axhline(target, color="grey", ls=":", lw=1)
+    ax.set(xlabel="forward passes per client", ylabel="test top-1 % (mean of seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    figure = ROOT / "benchmarks" / "figures" / "passes.png"
+    fig.savefig(figure, dpi=100)
+    plt.close(fig)
+    body = (
+        f"digits, LeNet (no norm, Hardswish), C={BASE.clients} iid, Adam lr {BASE.lr}, EMA, "
+        f"batch {BASE.batch_size}, FedSGD, {BASE.epochs} epochs for every variant, seeds "
+        f"{SEEDS}; sigma {BASE.sigma} unless named. Target: the reference's mean test top-1 "
+        f"after {BASE.epochs} epochs, {target:.2f}%. Cost: forward passes per client until "
+        "the seed-mean first reaches it (evaluated once per epoch).\n\n"
+        + table(["variant", "fwd passes/client/epoch", "final test top-1 % per seed",
+                 "final mean", "passes to target", "share of the reference's passes"], rows)
+        + "\n\n![passes](benchmarks/figures/passes.png)"
+    )
+    write_section("passes", "Fewer forward passes: what reaches the paper protocol's accuracy",
+                  body)
+
+
+if __name__ == "__main__":
+    main()
