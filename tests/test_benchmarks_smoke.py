@@ -49,3 +49,19 @@ def test_memory_child_reports_a_peak(mode, monkeypatch):
     monkeypatch.setenv("BAFFLE_BENCH_QUICK", "1")
     r = memory.run_child("lenet", mode)
     assert r["peak"] >= r["base"] > 0
+
+
+def test_onednn_peak_kernel_computes_the_product_it_is_credited_with():
+    from benchmarks import throughput
+
+    mm = torch.randn(48, 48, generator=torch.Generator().manual_seed(0))
+    fns = throughput.peak_fns(mm)  # each is credited with 2 n^3 FLOPs
+    assert torch.allclose(fns["peak: linear (oneDNN)"]().to_dense(), mm @ mm.T, atol=1e-4)
+    assert torch.allclose(fns["peak: torch.mm (MKL)"](), mm @ mm, atol=1e-4)
+
+
+def test_passes_to_target_is_the_first_evaluation_at_or_above_it():
+    from benchmarks import passes
+
+    assert passes.first_reach([10.0, 20.0, 30.0], [50.0, 60.0, 70.0], 60.0) == 20.0
+    assert passes.first_reach([10.0, 20.0], [50.0, 59.9], 60.0) is None
