@@ -134,8 +134,8 @@ def main() -> None:
                 f"({share:.0%} of {peak:.0f} GFLOP/s)"]
     body = (f"{THREADS} thread(s) (`BAFFLE_BENCH_THREADS`); best of {REPS} interleaved "
             "repetitions (the machine is shared, noise only adds time). A step is K+1 passes "
-            "(forward scheme), as is the naive loop's; `plain` counts K passes. `vs` columns are per-pass "
-            "speed ratios (higher is better). The naive loop rebuilds and loads a perturbed "
+            "(forward scheme), as is the naive loop's; `plain` counts K passes. `vs` columns "
+            "are per-pass speed ratios (higher is better). The naive loop rebuilds and loads a perturbed "
             "state dict per direction, as the authors' code does.\n\n"
             + "\n\n".join(sections)
             + "\n\nTargets for LeNet, K=100 (auto engine):\n\n" + "\n".join(verdicts)
