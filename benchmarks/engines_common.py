@@ -52,11 +52,5 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, fl
     return best
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """Measured float32 GFLOP/s of one big ``torch.mm`` (n x n by n x n)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / best_time(lambda: torch.mm(a, b), reps) / 1e9
-
-
 def setup_threads() -> None:
     torch.set_num_threads(THREADS)
