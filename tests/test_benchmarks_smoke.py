@@ -65,3 +65,33 @@ def test_passes_to_target_is_the_first_evaluation_at_or_above_it():
 
     assert passes.first_reach([10.0, 20.0, 30.0], [50.0, 60.0, 70.0], 60.0) == 20.0
     assert passes.first_reach([10.0, 20.0], [50.0, 59.9], 60.0) is None
+
+
+def test_passes_curve_is_cached_per_config_and_reread(tmp_path, monkeypatch):
+    from baffle import TrainConfig
+    from benchmarks import passes
+
+    monkeypatch.setattr(passes, "CACHE", tmp_path)
+    cfg = TrainConfig(dataset="digits", clients=2, K=3, rounds=4, eval_every=2, ema=False)
+    xs, ys = passes.curve(cfg)
+    assert xs == [8.0, 16.0] and len(ys) == 2  # (K+1) passes a round, evaluated every 2
+    assert passes.cache_file(cfg).exists() and passes.cache_file(cfg.replace(K=4)) != \
+        passes.cache_file(cfg)
+
+    def no_training(*a, **k):
+        raise AssertionError("a cached curve was retrained")
+
+    monkeypatch.setattr(passes, "train", no_training)
+    assert passes.curve(cfg) == (xs, ys)
+    with pytest.raises(AssertionError, match="retrained"):
+        passes.curve(cfg.replace(seed=1))
+
+
+def test_accuracy_rows_print_a_command_the_cli_accepts():
+    from baffle.cli import parser
+    from benchmarks import accuracy
+
+    cmd = accuracy.command({**accuracy.AUTHORS, **accuracy.RUNS["baffle-fedsgd-client-decay"]})
+    assert "--lr-milestones 10,15" in cmd
+    args = parser().parse_args(cmd.split()[1:])
+    assert (args.lr_milestones, args.seed_sharing, args.K) == ("10,15", "client", "100")

@@ -17,7 +17,13 @@ from baffle.config import from_dict  # noqa: E402
 from baffle.simulator import round_seed, train  # noqa: E402
 
 SIM = Path(__file__).parent / "flower" / "sim_run.py"
-CFG = {"clients": 4, "K": 6, "rounds": 2, "optimizer": "sgd", "lr": 0.05}
+# batch 256: one round per epoch, so the K schedule gives round 0 K=6 and round 1 K=4
+CFG = {"clients": 4, "K": 6, "rounds": 2, "optimizer": "sgd", "lr": 0.05, "batch-size": 256,
+       "K-milestones": "1", "K-values": "4"}
+
+
+def _config():
+    return from_dict({k.replace("-", "_"): v for k, v in CFG.items()})
 
 
 def _run(tmp_path, mode):
@@ -33,7 +39,7 @@ def _run(tmp_path, mode):
 def _check_aggregates(rows, plain, survivors):
     """|secure mean - plaintext mean| <= sigma * 2c / 2^22 per entry: one stochastic
     rounding step of Flower's quantizer (clients scaled by n_c / max_weight = 1)."""
-    cfg = from_dict(CFG)
+    cfg = _config()
     for r in rows:
         ps = [p for p in plain if p["seed"] == round_seed(cfg, r["round"])]
         assert sorted(p["client"] for p in ps) == survivors
@@ -44,6 +50,7 @@ def _check_aggregates(rows, plain, survivors):
         assert err <= bound, (err, bound)
         assert np.abs(mean).max() > 100 * bound  # the bound is not vacuous
         assert r["secagg_clients"] == len(survivors) and r["accepted"] == 1
+    assert [len(r["aggregate"]) for r in rows] == [r["K"] for r in rows] == [6, 4]
 
 
 def test_secagg_matches_plaintext_within_quantization(tmp_path):
@@ -52,7 +59,7 @@ def test_secagg_matches_plaintext_within_quantization(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the clients ran as one-thread Ray actors
     try:
-        train(from_dict(CFG), run_dir=tmp_path / "ref")
+        train(_config(), run_dir=tmp_path / "ref")
     finally:
         torch.set_num_threads(threads)
     # Round 0's weights differ only by the quantization error (~1e-9). From round 1 on,
@@ -61,7 +68,7 @@ def test_secagg_matches_plaintext_within_quantization(tmp_path):
     # ulp do the same). Measured: the two runs' total updates differ by 0.14% (2 rounds).
     from baffle.simulator import setup
 
-    w0 = setup(from_dict(CFG)).server.model.state_dict()
+    w0 = setup(_config()).server.model.state_dict()
     secure = torch.load(run / "checkpoint.pt", weights_only=False)["server"]["model"]
     plain_model = torch.load(tmp_path / "ref" / "checkpoint.pt",
                              weights_only=False)["server"]["model"]

@@ -32,9 +32,10 @@ def _model(run_dir):
 
 @pytest.mark.parametrize("overrides", [
     {"clients": 3, "K": 5, "rounds": 3},
+    # with a K schedule: round 1 (epoch 1) sends, uploads and replays K=6
     {"clients": 3, "K": 4, "rounds": 2, "mode": "epoch", "local-steps": 3,
-     "seed-sharing": "client"},
-], ids=["fedsgd-round-seed", "epoch-client-seed"])
+     "seed-sharing": "client", "K-milestones": "1", "K-values": "6"},
+], ids=["fedsgd-round-seed", "epoch-client-seed-k-schedule"])
 def test_flower_simulation_equals_in_process_simulator(tmp_path, overrides):
     rows = _simulate(tmp_path / "flower", overrides["clients"], overrides)
     # Ray runs each virtual client with one intra-op thread; float sums over a different
@@ -47,6 +48,7 @@ def test_flower_simulation_equals_in_process_simulator(tmp_path, overrides):
     finally:
         torch.set_num_threads(threads)
     assert [r["accepted"] for r in rows] == [overrides["clients"]] * overrides["rounds"]
+    assert [r["K"] for r in rows] == [r["K"] for r in ref.metrics]
     a, b = _model(tmp_path / "flower"), _model(tmp_path / "ref")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k

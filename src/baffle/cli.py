@@ -39,6 +39,8 @@ HELP = {
     "clients_per_round": "exact number of clients sampled each round (overrides participation)",
     "min_clients": "fewest valid uploads a round needs; with fewer the model stays unchanged",
     "K": "number of perturbation directions per estimate",
+    "K_milestones": "epochs at which K changes to the matching --K-values entry, e.g. 5,10",
+    "K_values": "K from each --K-milestones epoch on, e.g. 50,100 (a K schedule)",
     "sigma": "perturbation scale: delta_k = sigma * eps_k",
     "scheme": "forward: d = L(W+delta) - L(W), K+1 passes; central: L(W+delta) - L(W-delta), 2K",
     "seed_sharing": f"{' | '.join(SEED_SHARING)}: one seed per round for all clients "

@@ -49,6 +49,8 @@ class TrainConfig:
     min_clients: int = 1  # a round with fewer valid uploads leaves the model unchanged
     # estimator
     K: int = 100
+    K_milestones: tuple[int, ...] = ()  # epochs at which K changes ...
+    K_values: tuple[int, ...] = ()  # ... to these values (a K schedule)
     sigma: float = 1e-4
     scheme: str = "forward"  # forward (K+1 passes) | central (2K passes)
     seed_sharing: str = "round"  # round: one seed for all clients | client: one per client
@@ -121,6 +123,7 @@ def validate(c: TrainConfig) -> None:
     choose("engine", c.engine, ENGINES)
     resolve_budget(c.max_memory, "cpu")  # a one-line ConfigError for a bad size
     validate_spec(c.K, c.sigma, c.scheme)
+    validate_k_schedule(c.K_milestones, c.K_values)
     positive_ints = {"clients": c.clients, "batch_size": c.batch_size, "chunk": c.chunk,
                      "min_clients": c.min_clients,
                      "checkpoint_every": c.checkpoint_every}
@@ -147,6 +150,17 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"ema_decay must be in [0, 1) (got {c.ema_decay!r})")
     if c.method != "baffle" and c.mode != "fedsgd" and c.mode != c.round_mode:
         raise ConfigError(f"--mode does not apply to {c.method}; its name fixes the round structure")
+
+
+def validate_k_schedule(milestones: tuple[int, ...], values: tuple[int, ...]) -> None:
+    if len(milestones) != len(values):
+        raise ConfigError(f"K_milestones has {len(milestones)} epoch(s) but K_values has "
+                          f"{len(values)}; give one K per milestone, e.g. --K-milestones 5,10 "
+                          "--K-values 50,100")
+    if any(m < 0 for m in milestones) or list(milestones) != sorted(set(milestones)):
+        raise ConfigError(f"K_milestones must be increasing epochs >= 0 (got {milestones})")
+    if any(v < 1 for v in values):
+        raise ConfigError(f"K_values must be integers >= 1 (got {values})")
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}

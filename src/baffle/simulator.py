@@ -15,7 +15,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,7 +42,7 @@ from baffle.errors import BaffleError
 from baffle.estimator import EstimatorSpec, LossFn, check_no_batchnorm, trainable_params
 from baffle.models import build_model
 from baffle.rundir import RunDir
-from baffle.schedule import lr_at
+from baffle.schedule import k_at, lr_at
 from baffle.server import Server, make_optimizer, set_lr
 
 UploadHook = Callable[[int, Upload], Upload]
@@ -63,11 +63,17 @@ class Federation:
     val: ArrayDataset | None
     server: Server
     loss_fn: LossFn
-    spec: EstimatorSpec
+    spec: EstimatorSpec  # K from --K; spec_at(r) applies the K schedule
     dirs: DirectionScheme
     rounds_per_epoch: int
     total_rounds: int
     cache: DirectionCache | None = None  # this round's shared directions (shared-seed FedSGD)
+
+    def spec_at(self, round_: int) -> EstimatorSpec:
+        """The estimator of round ``round_``: ``spec`` with K from the K schedule."""
+        c = self.config
+        K = k_at(round_ // self.rounds_per_epoch, c.K, c.K_milestones, c.K_values)
+        return self.spec if K == self.spec.K else replace(self.spec, K=K)
 
     @property
     def n_params(self) -> int:
@@ -178,7 +184,7 @@ def run_client(fed: Federation, client: int, round_: int, lr: float, seed: int) 
 
     ``fed.server.model`` holds the weights the server sent; it is not modified.
     """
-    cfg, model = fed.config, fed.server.model
+    cfg, model, spec = fed.config, fed.server.model, fed.spec_at(round_)
     make_opt = functools.partial(make_optimizer, cfg.optimizer, lr=lr, betas=cfg.betas,
                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.round_mode == "fedsgd":
@@ -186,7 +192,7 @@ def run_client(fed: Federation, client: int, round_: int, lr: float, seed: int) 
         if cfg.method == "bp-fedsgd":
             return bp_gradient_update(client, model, fed.loss_fn, batch)
         (seed,) = client_seeds(seed, cfg.seed_sharing, client, 1)
-        return fedsgd_update(client, model, fed.loss_fn, batch, seed, fed.spec, fed.dirs,
+        return fedsgd_update(client, model, fed.loss_fn, batch, seed, spec, fed.dirs,
                              cfg.engine, cfg.chunk, cfg.max_memory,  # type: ignore[arg-type]
                              fed.cache)
     steps = local_steps(fed, client)
@@ -195,23 +201,23 @@ def run_client(fed: Federation, client: int, round_: int, lr: float, seed: int) 
     if cfg.method == "bp-fedavg":
         return bp_local_epoch_update(client, local, fed.loss_fn, batches, make_opt)
     return local_epoch_update(client, local, fed.loss_fn, batches,
-                              client_seeds(seed, cfg.seed_sharing, client, steps), fed.spec, fed.dirs,
+                              client_seeds(seed, cfg.seed_sharing, client, steps), spec, fed.dirs,
                               make_opt, cfg.clip_value, cfg.engine,  # type: ignore[arg-type]
                               cfg.chunk, cfg.max_memory)
 
 
-def problem(fed: Federation, u: Upload) -> str | None:
-    """Why an upload must be rejected, or ``None``."""
+def problem(fed: Federation, u: Upload, round_: int) -> str | None:
+    """Why an upload to round ``round_`` must be rejected, or ``None``."""
     cfg = fed.config
     if not cfg.is_baffle:
         return tensors_problem(u, fed.server.shapes)
     steps = None if cfg.round_mode == "fedsgd" else local_steps(fed, u.client)
-    return upload_problem(u, cfg.K, steps)
+    return upload_problem(u, fed.spec_at(round_).K, steps)
 
 
-def update_server(fed: Federation, uploads: Sequence[Upload], lr: float) -> None:
-    """Aggregate the valid uploads and move the global model (unchanged if none)."""
-    cfg, server = fed.config, fed.server
+def update_server(fed: Federation, uploads: Sequence[Upload], lr: float, round_: int) -> None:
+    """Aggregate round ``round_``'s valid uploads and move the global model (unchanged if none)."""
+    cfg, server, spec = fed.config, fed.server, fed.spec_at(round_)
     if not uploads:
         return
     if cfg.method == "bp-fedsgd":
@@ -220,13 +226,13 @@ def update_server(fed: Federation, uploads: Sequence[Upload], lr: float) -> None
     elif cfg.method == "bp-fedavg":
         server.load_average([u.tensors for u in uploads], weights_of(uploads))
     elif cfg.round_mode == "fedsgd":
-        grads = aggregate_gradient(uploads, server.shapes, fed.spec, fed.dirs,
+        grads = aggregate_gradient(uploads, server.shapes, spec, fed.dirs,
                                    cfg.seed_sharing == "round", cfg.device, fed.cache)
         server.apply_gradient(grads, cfg.clip_value)
     else:  # epoch-level BAFFLE: replay every client's trajectory from its scalars
         make_opt = functools.partial(make_optimizer, cfg.optimizer, lr=lr, betas=cfg.betas,
                                      momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        replayed = [replay_local_epoch(copy.deepcopy(server.model), u, fed.spec, fed.dirs,
+        replayed = [replay_local_epoch(copy.deepcopy(server.model), u, spec, fed.dirs,
                                        make_opt, cfg.clip_value) for u in uploads]
         server.load_average(replayed, weights_of(uploads))
 
@@ -285,7 +291,7 @@ def finish_round(fed: Federation, r: int, lr: float, sampled: Sequence[int],
     accepted, rejected = [], list(failures)
     # Aggregate in client order, not arrival order: float sums depend on the order.
     for u in sorted(uploads, key=lambda u: u.client):
-        why = problem(fed, u)
+        why = problem(fed, u, r)
         if why is None:
             accepted.append(u)
         else:
@@ -296,7 +302,7 @@ def finish_round(fed: Federation, r: int, lr: float, sampled: Sequence[int],
                 "model unchanged")
         log.warning("round %d: %s", r, note)
     else:
-        update_server(fed, accepted, lr)
+        update_server(fed, accepted, lr, r)
     for x in rejected:
         log.warning("round %d: rejected client %s: %s", r, x["client"], x["reason"])
     end_of_epoch = (r + 1) % fed.rounds_per_epoch == 0
@@ -408,6 +414,7 @@ def round_record(fed: Federation, r: int, lr: float, sampled: list[int],
         "round": r,
         "epoch": (r + 1) / fed.rounds_per_epoch,
         "lr": lr,
+        **({"K": fed.spec_at(r).K} if fed.config.is_baffle else {}),
         "clients": len(sampled),
         "accepted": len(accepted),
         "rejected": len(rejected),

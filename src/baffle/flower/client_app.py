@@ -3,7 +3,8 @@
 The node finds its data through ``node_config``: ``partition-id`` (its client index in
 the seeded split; Flower's simulation sets it, SuperNodes get it with
 ``--node-config "partition-id=0"``). A server whose direction scheme (version or
-fingerprint) differs from ours gets an error reply instead of garbage.
+fingerprint) or round estimator (K, sigma, scheme) differs from ours gets an error reply
+instead of garbage.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from flwr.clientapp import ClientApp
 
 from baffle.aggregate import Upload
 from baffle.directions import DirectionScheme
-from baffle.flower.wire import config_from_run_config, load_weights, upload_to_content
+from baffle.flower.wire import (
+    check_round_spec,
+    config_from_run_config,
+    load_weights,
+    upload_to_content,
+)
 from baffle.simulator import Federation, run_client, setup
 
 
@@ -47,6 +53,7 @@ def make_client_app(
         client = int(context.node_config["partition-id"])
         rc = msg.content["config"]
         (dirs or fed.dirs).check(str(rc["scheme-version"]), str(rc["fingerprint"]))
+        check_round_spec(fed.spec_at(int(rc["round"])), rc)
         load_weights(fed.server.model, msg.content["arrays"])
         upload = run_client(fed, client, int(rc["round"]), float(rc["lr"]), int(rc["seed"]))
         if tamper is not None:

@@ -42,7 +42,7 @@ from flwr.serverapp import Grid
 from baffle.aggregate import Upload
 from baffle.errors import ConfigError
 from baffle.estimator import loss_differences
-from baffle.flower.wire import config_from_run_config
+from baffle.flower.wire import check_round_spec, config_from_run_config
 from baffle.simulator import (
     Federation,
     RunLog,
@@ -112,7 +112,9 @@ class SecAggBaffleStrategy(Strategy):
         seed = round_seed(fed.config, r)
         self._pending = {"round": r, "lr": lr, "seed": seed, "started": started,
                          "sampled": [int(c.node_id) for c in clients]}
-        config: dict[str, Scalar] = {"round": r, "seed": seed, "lr": lr,
+        spec = fed.spec_at(r)
+        config: dict[str, Scalar] = {"round": r, "seed": seed, "lr": lr, "K": spec.K,
+                                     "sigma": spec.sigma, "scheme": spec.scheme,
                                      "scheme-version": fed.dirs.version,
                                      "fingerprint": fed.dirs.fingerprint()}
         fit_ins = FitIns(ndarrays_to_parameters(_weights(fed)), config)
@@ -127,7 +129,7 @@ class SecAggBaffleStrategy(Strategy):
             dbar = torch.from_numpy(np.asarray(mean_u, dtype=np.float64) * fed.config.sigma).float()
             total = sum(res.num_examples for _, res in results)
             uploads = [Upload(-1, int(total), (p["seed"],), dbar,
-                              forward_passes=fed.spec.forward_passes)]
+                              forward_passes=fed.spec_at(p["round"]).forward_passes)]
         fails = [{"client": "secagg", "reason": f"dropped out: {f!r}"[:300]} for f in failures]
         record = finish_round(fed, p["round"], p["lr"], p["sampled"], uploads, fails,
                               p["started"])
@@ -190,6 +192,7 @@ class _BaffleNumPyClient(NumPyClient):
             ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         fed = self.fed
         fed.dirs.check(str(config["scheme-version"]), str(config["fingerprint"]))
+        check_round_spec(fed.spec_at(int(config["round"])), config)
         _load(fed, parameters)
         u = run_client(fed, self.client, int(config["round"]), float(config["lr"]),
                        int(config["seed"]))

@@ -44,8 +44,9 @@ class BaffleStrategy(Strategy):
 
     def summary(self) -> None:
         c = self.fed.config
-        log.info("BaffleStrategy: method=%s mode=%s K=%d sigma=%g scheme=%s seed-sharing=%s",
-                 c.method, c.round_mode, c.K, c.sigma, c.scheme, c.seed_sharing)
+        log.info("BaffleStrategy: method=%s mode=%s K=%d (K schedule %s -> %s) sigma=%g "
+                 "scheme=%s seed-sharing=%s", c.method, c.round_mode, c.K, c.K_milestones,
+                 c.K_values, c.sigma, c.scheme, c.seed_sharing)
 
     def _sample(self, grid: Grid, r: int) -> list[int]:
         """All connected nodes, or a seeded sample. The first round waits (up to
@@ -72,7 +73,7 @@ class BaffleStrategy(Strategy):
         self._pending = {"round": r, "lr": lr, "nodes": nodes, "started": started}
         content = RecordDict({"arrays": weights_record(fed.server.model),
                               "config": round_config(r, round_seed(fed.config, r), lr,
-                                                     fed.config, fed.dirs)})
+                                                     fed.spec_at(r), fed.dirs)})
         messages = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN)
                     for n in nodes]
         self._pending["sent"] = messages  # Flower stamps their message ids when it pushes them

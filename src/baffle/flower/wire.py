@@ -1,8 +1,8 @@
 """Mapping between baffle's objects and Flower records.
 
 Server -> client (one ``train`` message): ArrayRecord ``arrays`` (the weights) and
-ConfigRecord ``config`` holding the round, the seed, the lr, K, sigma, the scheme and
-the direction scheme's version and fingerprint.
+ConfigRecord ``config`` holding the round, the seed, the lr, the round's K (after the K
+schedule), sigma, the scheme and the direction scheme's version and fingerprint.
 Client -> server: ArrayRecord ``upload`` (the K loss differences per local step, or the
 baselines' tensors) and MetricRecord ``metrics`` (client id, example count, seeds, loss,
 forward passes).
@@ -19,6 +19,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from baffle.aggregate import Upload
 from baffle.config import TrainConfig, from_dict
 from baffle.directions import DirectionScheme
+from baffle.errors import ConfigError
+from baffle.estimator import EstimatorSpec
 
 # Flower-only run-config keys (everything else is a TrainConfig field, dashes for underscores)
 FLOWER_KEYS = {"run-dir": "", "round-timeout": 600.0, "resume": False}
@@ -31,12 +33,22 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[TrainConfig, dic
     return from_dict(values), flower
 
 
-def round_config(round_: int, seed: int, lr: float, cfg: TrainConfig,
+def round_config(round_: int, seed: int, lr: float, spec: EstimatorSpec,
                  dirs: DirectionScheme) -> ConfigRecord:
+    """What the server sends with the weights; ``spec`` is the round's (scheduled) estimator."""
     return ConfigRecord({
-        "round": round_, "seed": seed, "lr": lr, "K": cfg.K, "sigma": cfg.sigma,
-        "scheme": cfg.scheme, "scheme-version": dirs.version, "fingerprint": dirs.fingerprint(),
+        "round": round_, "seed": seed, "lr": lr, "K": spec.K, "sigma": spec.sigma,
+        "scheme": spec.scheme, "scheme-version": dirs.version, "fingerprint": dirs.fingerprint(),
     })
+
+
+def check_round_spec(mine: EstimatorSpec, sent: ConfigRecord | dict[str, Any]) -> None:
+    """Raise ``ConfigError`` unless the server's (K, sigma, scheme) for the round is ours."""
+    theirs = (int(sent["K"]), float(sent["sigma"]), str(sent["scheme"]))
+    if theirs != (mine.K, mine.sigma, mine.scheme):
+        raise ConfigError(f"the server's round estimator (K, sigma, scheme) = {theirs} is not "
+                          f"this client's {(mine.K, mine.sigma, mine.scheme)}: run both with "
+                          "the same run config (K, K-milestones, K-values, sigma, scheme)")
 
 
 def weights_record(model: torch.nn.Module) -> ArrayRecord:
