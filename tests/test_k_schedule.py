@@ -82,8 +82,8 @@ def test_epoch_mode_replays_each_round_with_its_own_k():
 
 def test_round_spec_check_catches_a_client_with_another_schedule():
     pytest.importorskip("flwr")
-    from baffle.flower.wire import check_round_spec, round_config
     from baffle.directions import DirectionScheme
+    from baffle.flower.wire import check_round_spec, round_config
 
     sent = round_config(7, 123, 0.01, EstimatorSpec(50, 1e-4, "forward"), DirectionScheme())
     check_round_spec(EstimatorSpec(50, 1e-4, "forward"), sent)  # same: no error
