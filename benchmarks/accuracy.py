@@ -7,13 +7,17 @@ sharings and the backprop baselines; test top-1 against epochs and forward passe
 Each run lives in ``runs/accuracy/<name>`` and resumes where it stopped, so the command
 can be interrupted and re-run. ``BAFFLE_ACC_EPOCHS`` (default 20) sets the length,
 ``BAFFLE_ACC_RUNS`` (comma-separated names) a subset, ``BAFFLE_MNIST_DIR`` the data
-(default ``../shared/data/mnist``); ``BAFFLE_ACC_REPORT_ONLY=1`` tabulates the run
-directories as they are, without training. The section tabulates whatever the run directories
-hold, so a partial run reports how far it got.
+(default ``../shared/data/mnist``); ``BAFFLE_ACC_REPORT_ONLY=1`` tabulates without training.
+
+After each run the benchmark saves its test curve to ``benchmarks/results/accuracy/<name>.json``
+(committed: ``runs/`` is not), and the section tabulates every saved curve whose config still
+matches its entry in ``RUNS``, so training a subset keeps the other rows and a partial run
+reports how far it got.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "bp-fedavg": dict(method="bp-fedavg"),
 }
 OUT = ROOT / "runs" / "accuracy"
+RESULTS = ROOT / "benchmarks" / "results" / "accuracy"
 PAPER = 95.17  # "95.17% accuracy on MNIST with 20 communication rounds"
 
 
@@ -62,18 +67,52 @@ def curve(run: Path) -> list[tuple[float, float, float]]:
     return out
 
 
-def report(runs: dict[str, Path], epochs: int) -> None:
+def config(name: str, epochs: int) -> TrainConfig:
+    return TrainConfig(**{**AUTHORS, **RUNS[name], "epochs": epochs})
+
+
+def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a saved curve to stand for a run: all but length and data path."""
+    return {k: v for k, v in cfg.items() if k not in ("epochs", "data_dir")}
+
+
+def save(name: str, run: Path, epochs: int) -> None:
+    """Keep run ``name``'s curve and best test top-1 in ``RESULTS`` (atomically)."""
+    pts = curve(run)
+    if not pts:
+        return
+    cfg = RunDir(run).config()
+    record = {"command": command({**AUTHORS, **RUNS[name], "epochs": epochs}),
+              "config": cfg.to_dict(), "best": max(p[2] for p in pts),
+              "curve": [list(p) for p in pts]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS / f"{name}.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(RESULTS / f"{name}.json")
+
+
+def load(name: str, epochs: int) -> dict[str, Any] | None:
+    """Run ``name``'s saved record, or None if there is none or its config has changed."""
+    f = RESULTS / f"{name}.json"
+    if not f.exists():
+        return None
+    record = json.loads(f.read_text())
+    want = json.loads(json.dumps(config(name, epochs).to_dict()))  # tuples as lists
+    if comparable(record["config"]) != comparable(want):
+        print(f"accuracy: {f} was trained with another config; rerun {name} to replace it")
+        return None
+    return record
+
+
+def report(records: dict[str, dict[str, Any]], epochs: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows, fig, axes = [], *plt.subplots(1, 2, figsize=(11, 4))
-    for name, run in runs.items():
-        pts = curve(run)
-        if not pts:
-            continue
-        best = max(p[2] for p in pts)
+    for name, rec in records.items():
+        pts, best = rec["curve"], rec["best"]
         reach = next((p for p in pts if p[2] >= 95.2), None)
         rows.append([name, f"{pts[-1][0]:.1f}", f"{pts[-1][1]:,.0f}", f"{pts[-1][2]:.2f}",
                      f"{best:.2f}",
@@ -92,8 +131,8 @@ def report(runs: dict[str, Path], epochs: int) -> None:
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=100)
     plt.close(fig)
-    cmds = "\n".join(f"- {n}: `{command({**AUTHORS, **RUNS[n], 'epochs': epochs})}`"
-                     for n in runs if n in RUNS)
+    cmds = "\n".join(f"- {n}: `{rec['command']}`" + (f" ({rec['source']})" if "source" in rec else "")
+                     for n, rec in records.items())
     body = (
         f"The authors' MNIST setting; target: at least 95.2% test top-1 within {epochs} "
         f"epochs (the paper reports {PAPER}%). Runs train for {epochs} epochs; a run "
@@ -101,7 +140,7 @@ def report(runs: dict[str, Path], epochs: int) -> None:
         + table(["run", "epochs done", "forward passes per client", "last test top-1 %",
                  "best %", "first >= 95.2%",
                  "test top-1 after each epoch"], rows)
-        + f"\n\nRuns (each resumable with `baffle train --resume runs/accuracy/NAME`):\n{cmds}"
+        + f"\n\nRuns (one whose directory is still here resumes with `baffle train --resume runs/accuracy/NAME`):\n{cmds}"
         + "\n\n![accuracy](benchmarks/figures/accuracy.png)"
     )
     write_section("accuracy", "Accuracy against the paper: MNIST, the authors' setting", body)
@@ -110,15 +149,14 @@ def report(runs: dict[str, Path], epochs: int) -> None:
 def main() -> None:
     epochs = int(os.environ.get("BAFFLE_ACC_EPOCHS", "20"))
     names = [n for n in os.environ.get("BAFFLE_ACC_RUNS", ",".join(RUNS)).split(",") if n]
-    runs = {}
     for name in names:
         run = OUT / name
-        cfg = TrainConfig(**{**AUTHORS, **RUNS[name], "epochs": epochs})
         if not os.environ.get("BAFFLE_ACC_REPORT_ONLY"):
-            train(cfg, run_dir=run, resume=(run / "config.json").exists())
+            train(config(name, epochs), run_dir=run, resume=(run / "config.json").exists())
         if (run / "metrics.jsonl").exists():
-            runs[name] = run
-    report(runs, epochs)
+            save(name, run, epochs)
+    records = {n: r for n in RUNS if (r := load(n, epochs)) is not None}
+    report(records, epochs)
 
 
 if __name__ == "__main__":

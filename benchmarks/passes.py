@@ -8,9 +8,9 @@ The target is the reference's accuracy at the end of its budget (mean over seeds
 variant's cost is the forward passes per client until its seed-mean test accuracy
 first reaches it. "Half" means at most half the reference's passes.
 
-Each (variant, seed) curve is kept in ``runs/passes/<hash of its config>.json``, so an
-interrupted run goes on where it stopped and a new variant trains alone; delete the
-folder after changing the estimator. ``BAFFLE_PASSES_SHARD=i/n`` trains only every n-th
+Each (variant, seed) curve is kept in ``benchmarks/results/passes/<hash of its config>.json``
+(committed, so the table can be rebuilt in a fresh clone), an interrupted run goes on where
+it stopped and a new variant trains alone; delete the folder after changing the estimator. ``BAFFLE_PASSES_SHARD=i/n`` trains only every n-th
 uncached curve from the i-th and writes no table: run n of them side by side, one per
 core, then the plain command to tabulate.
 """
@@ -65,7 +65,7 @@ VARIANTS = (
 )
 
 
-CACHE = ROOT / "runs" / "passes"
+CACHE = ROOT / "benchmarks" / "results" / "passes"
 
 
 def cache_file(cfg: TrainConfig) -> Path:

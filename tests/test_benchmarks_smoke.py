@@ -95,3 +95,25 @@ def test_accuracy_rows_print_a_command_the_cli_accepts():
     assert "--lr-milestones 10,15" in cmd
     args = parser().parse_args(cmd.split()[1:])
     assert (args.lr_milestones, args.seed_sharing, args.K) == ("10,15", "client", "100")
+
+
+def test_accuracy_keeps_every_saved_run_and_drops_a_stale_one(tmp_path, monkeypatch):
+    from benchmarks import accuracy
+
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    monkeypatch.setattr(accuracy, "ROOT", tmp_path)
+    monkeypatch.setattr(accuracy, "OUT", tmp_path / "runs")
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(accuracy, "AUTHORS", dict(dataset="digits", clients=2, K=3, ema=False))
+    monkeypatch.setattr(accuracy, "RUNS", {"a": dict(lr=0.03), "b": dict(lr=0.01)})
+    monkeypatch.setenv("BAFFLE_ACC_EPOCHS", "2")
+    for name in ("a", "b"):  # one run per invocation, as a resumed subset would
+        monkeypatch.setenv("BAFFLE_ACC_RUNS", name)
+        accuracy.main()
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| a | 2.0 |" in text and "| b | 2.0 |" in text  # b's run kept a's row
+    saved = accuracy.load("a", 2)
+    assert [p[0] for p in saved["curve"]] == [1.0, 2.0]
+    assert saved["best"] == max(p[2] for p in saved["curve"])
+    monkeypatch.setitem(accuracy.RUNS, "a", dict(lr=0.05))  # a's entry changed: stale
+    assert accuracy.load("a", 2) is None and accuracy.load("b", 2) is not None
