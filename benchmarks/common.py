@@ -23,14 +23,19 @@ HEADER = "# Benchmarks\n\nEvery table below was written by `python -m benchmarks
 
 def machine() -> str:
     """CPU model, threads, torch version, date."""
-    cpu = platform.processor() or "unknown CPU"
+    cpu, flags = platform.processor() or "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
+    # the same model name has come with and without AVX-512, which doubles the fp32 peak
+    simd = next((f for f in ("avx512f", "avx2", "neon", "asimd") if f in flags), None)
+    cpu += f" ({simd.upper()})" if simd else ""
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}, "
             f"{datetime.date.today().isoformat()}")

@@ -88,7 +88,8 @@ def curve(cfg: TrainConfig) -> tuple[list[float], list[float]]:
             ys.append(r["test_top1"])
     f.parent.mkdir(parents=True, exist_ok=True)
     tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": cfg.to_dict(), "passes": xs, "top1": ys}))
+    tmp.write_text(json.dumps({"config": cfg.to_dict(), "threads": torch.get_num_threads(),
+                              "passes": xs, "top1": ys}))
     tmp.replace(f)  # atomic: a killed run leaves no half-written curve
     return xs, ys
 
@@ -120,6 +121,8 @@ def main() -> None:
             curve(cfg)
         return
     results = {v.name: curves(v) for v in VARIANTS}
+    threads = sorted({json.loads(cache_file(v.config(s)).read_text()).get("threads", "?")
+                      for v in VARIANTS for s in SEEDS}, key=str)
     ref_passes, ref_accs = results[REFERENCE.name]
     ref_mean = [sum(a) / len(a) for a in zip(*ref_accs)]
     target = ref_mean[-1]
@@ -152,7 +155,10 @@ def main() -> None:
         f"batch {BASE.batch_size}, FedSGD, {BASE.epochs} epochs for every variant, seeds "
         f"{SEEDS}; sigma {BASE.sigma} unless named. Target: the reference's mean test top-1 "
         f"after {BASE.epochs} epochs, {target:.2f}%. Cost: forward passes per client until "
-        "the seed-mean first reaches it (evaluated once per epoch).\n\n"
+        "the seed-mean first reaches it (evaluated once per epoch). Curves trained with "
+        f"{'/'.join(map(str, threads))} torch thread(s) each: float32 sums round differently "
+        "with another thread count and training amplifies it, so a rerun on other threads "
+        "moves these numbers by about the spread between seeds.\n\n"
         + table(["variant", "fwd passes/client/epoch (mean)", "final test top-1 % per seed",
                  "final mean", "passes to target", "share of the reference's passes"], rows)
         + "\n\n![passes](benchmarks/figures/passes.png)"
