@@ -44,6 +44,16 @@ RUNS: dict[str, dict[str, Any]] = {
     "bp-fedsgd": dict(method="bp-fedsgd"),
     "bp-fedavg": dict(method="bp-fedavg"),
 }
+WHY = {  # what each run asks, printed beside its command
+    "baffle-fedsgd-round": "the paper protocol: one seed per round, K directions in all",
+    "baffle-fedsgd-client": "the authors' code: every client its own K directions (C*K a step)",
+    "baffle-epoch-round": "epoch-level mode (one upload per epoch), one seed per round",
+    "baffle-epoch-client": "epoch-level mode, client seeds",
+    "baffle-fedsgd-client-k25": "a quarter of the forward passes",
+    "baffle-fedsgd-client-decay": "does an lr decay lift the constant-lr plateau?",
+    "bp-fedsgd": "backprop, one step per round",
+    "bp-fedavg": "backprop, one local epoch per round",
+}
 OUT = ROOT / "runs" / "accuracy"
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy"
 PAPER = 95.17  # "95.17% accuracy on MNIST with 20 communication rounds"
@@ -131,8 +141,9 @@ def report(records: dict[str, dict[str, Any]], epochs: int) -> None:
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=100)
     plt.close(fig)
-    cmds = "\n".join(f"- {n}: `{rec['command']}`" + (f" ({rec['source']})" if "source" in rec else "")
-                     for n, rec in records.items())
+    cmds = "\n".join(
+        f"- {n}" + (f" ({WHY[n]})" if n in WHY else "") + f": `{rec['command']}`"
+        + (f" ({rec['source']})" if "source" in rec else "") for n, rec in records.items())
     body = (
         f"The authors' MNIST setting; target: at least 95.2% test top-1 within {epochs} "
         f"epochs (the paper reports {PAPER}%). Runs train for {epochs} epochs; a run "
