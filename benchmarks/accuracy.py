@@ -151,7 +151,8 @@ def report(records: dict[str, dict[str, Any]], epochs: int) -> None:
         + table(["run", "epochs done", "forward passes per client", "last test top-1 %",
                  "best %", "first >= 95.2%",
                  "test top-1 after each epoch"], rows)
-        + f"\n\nRuns (one whose directory is still here resumes with `baffle train --resume runs/accuracy/NAME`):\n{cmds}"
+        + "\n\nRuns (one whose directory is still here resumes with "
+        f"`baffle train --resume runs/accuracy/NAME`):\n{cmds}"
         + "\n\n![accuracy](benchmarks/figures/accuracy.png)"
     )
     write_section("accuracy", "Accuracy against the paper: MNIST, the authors' setting", body)

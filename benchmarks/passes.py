@@ -2,15 +2,16 @@
 sharing, sigma, K, a K schedule and an lr decay, each against the paper's protocol
 (forward, K=100, one seed per round) on the same data, model and epochs.
 
-    python -m benchmarks.run passes      # ~30 min on one CPU core
+    python -m benchmarks.run passes      # 36 curves: ~45 min on 2 AVX2 cores in 2 shards
 
 The target is the reference's accuracy at the end of its budget (mean over seeds); a
 variant's cost is the forward passes per client until its seed-mean test accuracy
 first reaches it. "Half" means at most half the reference's passes.
 
 Each (variant, seed) curve is kept in ``benchmarks/results/passes/<hash of its config>.json``
-(committed, so the table can be rebuilt in a fresh clone), an interrupted run goes on where
-it stopped and a new variant trains alone; delete the folder after changing the estimator. ``BAFFLE_PASSES_SHARD=i/n`` trains only every n-th
+(committed, so a fresh clone rebuilds the table), an interrupted run goes on where it
+stopped and a new variant trains alone; delete the folder after changing the estimator.
+``BAFFLE_PASSES_SHARD=i/n`` trains only every n-th
 uncached curve from the i-th and writes no table: run n of them side by side, one per
 core, then the plain command to tabulate.
 """
