@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from baffle import TrainConfig, train
-from baffle.rundir import RunDir
+from baffle.rundir import RunDir, atomic_write
 from benchmarks.common import ROOT, table, write_section
 
 MNIST = os.environ.get("BAFFLE_MNIST_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
@@ -87,7 +87,7 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def save(name: str, run: Path, epochs: int) -> None:
-    """Keep run ``name``'s curve and best test top-1 in ``RESULTS`` (atomically)."""
+    """Keep run ``name``'s curve and best test top-1 in ``RESULTS``."""
     pts = curve(run)
     if not pts:
         return
@@ -96,9 +96,8 @@ def save(name: str, run: Path, epochs: int) -> None:
               "config": cfg.to_dict(), "best": max(p[2] for p in pts),
               "curve": [list(p) for p in pts]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / f"{name}.tmp"
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(RESULTS / f"{name}.json")
+    text = (json.dumps(record, indent=1) + "\n").encode()
+    atomic_write(RESULTS / f"{name}.json", lambda f: f.write(text))
 
 
 def load(name: str, epochs: int) -> dict[str, Any] | None:

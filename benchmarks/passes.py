@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from baffle import TrainConfig, __version__, train
+from baffle.rundir import atomic_write
 from benchmarks.common import ROOT, table, write_section
 
 BASE = TrainConfig(dataset="digits", clients=10, K=100, sigma=1e-4, lr=0.03, epochs=40)
@@ -88,10 +89,9 @@ def curve(cfg: TrainConfig) -> tuple[list[float], list[float]]:
             xs.append(fwd)
             ys.append(r["test_top1"])
     f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": cfg.to_dict(), "threads": torch.get_num_threads(),
-                              "passes": xs, "top1": ys}))
-    tmp.replace(f)  # atomic: a killed run leaves no half-written curve
+    text = json.dumps({"config": cfg.to_dict(), "threads": torch.get_num_threads(),
+                       "passes": xs, "top1": ys}).encode()
+    atomic_write(f, lambda fh: fh.write(text))  # a killed run leaves no half-written curve
     return xs, ys
 
 
