@@ -1,8 +1,8 @@
 """Fewer forward passes for the same accuracy: central vs forward differences, seed
-sharing, sigma, K, a K schedule and an lr decay, each against the paper's protocol
-(forward, K=100, one seed per round) on the same data, model and epochs.
+sharing, sigma, K, a K schedule, an lr decay and layer directions, each against the
+paper's protocol (forward, K=100, one seed per round) on the same data, model and epochs.
 
-    python -m benchmarks.run passes      # 36 curves: ~45 min on 2 AVX2 cores in 2 shards
+    python -m benchmarks.run passes      # 48 curves: ~1 h on 2 AVX2 cores in 2 shards
 
 The target is the reference's accuracy at the end of its budget (mean over seeds); a
 variant's cost is the forward passes per client until its seed-mean test accuracy
@@ -11,6 +11,8 @@ first reaches it. "Half" means at most half the reference's passes.
 Each (variant, seed) curve is kept in ``benchmarks/results/passes/<hash of its config>.json``
 (committed, so a fresh clone rebuilds the table), an interrupted run goes on where it
 stopped and a new variant trains alone; delete the folder after changing the estimator.
+A config field added later keys at its default: move the saved files to their new keys
+(``cache_file(from_dict(saved["config"]))``) rather than retrain.
 ``BAFFLE_PASSES_SHARD=i/n`` trains only every n-th
 uncached curve from the i-th and writes no table: run n of them side by side, one per
 core, then the plain command to tabulate.
@@ -64,6 +66,13 @@ VARIANTS = (
     # lr decay: the reference's protocol with the lr cut 5x at epochs 20 and 30
     Variant("forward, K=100, round seed, lr x0.2 at epochs 20, 30",
             dict(lr_milestones=(20, 30))),
+    # layer directions: each direction moves one of LeNet's 3 layers (--perturb layer)
+    Variant("forward, K=100, round seed, layer directions", dict(perturb="layer")),
+    Variant("forward, K=50, round seed, layer directions", dict(K=50, perturb="layer")),
+    Variant("forward, K=100, client seeds, layer directions",
+            dict(seed_sharing="client", perturb="layer")),
+    Variant("forward, K=25, client seeds, layer directions",
+            dict(K=25, seed_sharing="client", perturb="layer")),
 )
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baffle import engines as eng
-from baffle.directions import DirectionScheme
+from baffle.directions import DirectionScheme, layer_blocks
 from baffle.errors import ConfigError
 from baffle.estimator import EstimatorSpec, choose_engine, grouped_plan, loss_differences
 from baffle.models import build_model
@@ -27,15 +27,18 @@ def _model(name):
 
 @pytest.mark.parametrize("name", ["lenet", "wrn-10-2"])
 @pytest.mark.parametrize("scheme", ["forward", "central"])
-def test_every_engine_equals_sequential(name, scheme):
+@pytest.mark.parametrize("perturb", ["all", "layer"])
+def test_every_engine_equals_sequential(name, scheme, perturb):
     model, x, y = _model(name)
     assert grouped_plan(model) is not None  # the fast path really runs on the registry models
+    dirs = DIRS if perturb == "all" else DirectionScheme(
+        blocks=layer_blocks([n for n, _ in model.named_parameters()]))
     before = [p.clone() for p in model.parameters()]
     spec = EstimatorSpec(9, 1e-3, scheme)
-    ref = loss_differences(model, F.cross_entropy, x, y, 4, spec, DIRS, "sequential")
+    ref = loss_differences(model, F.cross_entropy, x, y, 4, spec, dirs, "sequential")
     for engine, chunk in [("batched", 1), ("batched", 4), ("batched", 9), ("inplace", 1),
                           ("vmap", 5), ("auto", 32)]:
-        est = loss_differences(model, F.cross_entropy, x, y, 4, spec, DIRS, engine, chunk)
+        est = loss_differences(model, F.cross_entropy, x, y, 4, spec, dirs, engine, chunk)
         # each loss (~2.3) is exact to float32 rounding, a few 1e-7; d_k is ~1e-3
         assert torch.allclose(est.diffs, ref.diffs, atol=2e-6, rtol=0), (engine, chunk)
         assert est.loss == pytest.approx(ref.loss, abs=1e-6)

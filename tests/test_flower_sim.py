@@ -35,7 +35,9 @@ def _model(run_dir):
     # with a K schedule: round 1 (epoch 1) sends, uploads and replays K=6
     {"clients": 3, "K": 4, "rounds": 2, "mode": "epoch", "local-steps": 3,
      "seed-sharing": "client", "K-milestones": "1", "K-values": "6"},
-], ids=["fedsgd-round-seed", "epoch-client-seed-k-schedule"])
+    # layer directions: the clients draw and the server rebuilds them per layer
+    {"clients": 2, "K": 4, "rounds": 2, "perturb": "layer"},
+], ids=["fedsgd-round-seed", "epoch-client-seed-k-schedule", "layer-directions"])
 def test_flower_simulation_equals_in_process_simulator(tmp_path, overrides):
     rows = _simulate(tmp_path / "flower", overrides["clients"], overrides)
     # Ray runs each virtual client with one intra-op thread; float sums over a different

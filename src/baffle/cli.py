@@ -45,6 +45,8 @@ HELP = {
     "scheme": "forward: d = L(W+delta) - L(W), K+1 passes; central: L(W+delta) - L(W-delta), 2K",
     "seed_sharing": f"{' | '.join(SEED_SHARING)}: one seed per round for all clients "
                     "(secure-aggregation compatible) or one per client (C*K directions)",
+    "perturb": "all: every direction moves every weight (the paper) | layer: direction k moves "
+               "only layer k mod L, and each layer averages its own directions",
     "engine": "batched (K perturbed models as one grouped pass) | sequential (one functional "
               "copy at a time) | inplace (perturb the weights in place, exact restore: inference "
               "memory) | vmap | auto (batched if it fits --max-memory, else inplace)",

@@ -23,6 +23,7 @@ METHODS = ("baffle", "bp-fedsgd", "bp-fedavg")
 MODES = ("fedsgd", "epoch")
 SEED_SHARING = ("round", "client")
 SPLITS = ("iid", "dirichlet", "shards")
+PERTURB = ("all", "layer")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class TrainConfig:
     sigma: float = 1e-4
     scheme: str = "forward"  # forward (K+1 passes) | central (2K passes)
     seed_sharing: str = "round"  # round: one seed for all clients | client: one per client
+    perturb: str = "all"  # all: each direction moves every weight | layer: only layer k mod L
     engine: str = "auto"  # auto | batched | inplace | sequential | vmap
     chunk: int = 32  # perturbed models per batched pass
     max_memory: str = "auto"  # estimator scratch budget, e.g. 512MiB, 2GiB (auto = 1/4 of free)
@@ -120,6 +122,7 @@ def validate(c: TrainConfig) -> None:
     choose("mode", c.mode, MODES)
     choose("seed sharing", c.seed_sharing, SEED_SHARING)
     choose("split", c.split, SPLITS)
+    choose("perturb", c.perturb, PERTURB)
     choose("engine", c.engine, ENGINES)
     resolve_budget(c.max_memory, "cpu")  # a one-line ConfigError for a bad size
     validate_spec(c.K, c.sigma, c.scheme)

@@ -4,7 +4,9 @@
     central:  g = 1/(2 K sigma) * sum_k d_k eps_k
 
 By Stein's identity g is unbiased for the gradient of the Gaussian-smoothed loss
-(Feng et al. 2023, eq. 3-4). It is linear in d, so the server may average clients'
+(Feng et al. 2023, eq. 3-4). With a blockwise scheme (``--perturb layer``) each block
+averages over its own K_b directions instead: d_k is weighted by K / K_b(k)
+(``DirectionScheme.weights``). It is linear in d, so the server may average clients'
 scalars first and rebuild once. Nothing but the seed and the scalars is needed.
 """
 
@@ -33,10 +35,12 @@ def rebuild_gradient(
     """The gradient estimate, one tensor per trainable parameter (same order as shapes).
 
     ``cache`` reuses directions the round's clients already drew (same values)."""
+    if cache is not None and cache.scheme != dirs:
+        raise ValueError("the direction cache was made for another scheme")
     d = torch.as_tensor(diffs, dtype=torch.float32)
     if d.shape != (spec.K,):
         raise UploadError(f"expected {spec.K} loss differences, got shape {tuple(d.shape)}")
-    weights = d.tolist()
+    weights = [dk * w for dk, w in zip(d.tolist(), dirs.weights(spec.K))]
     grads = []
     for p, shape in enumerate(shapes):
         g = torch.zeros(shape, dtype=torch.float32, device=device)
@@ -48,7 +52,8 @@ def rebuild_gradient(
             # does not depend on the thread count, so a server replaying a client's local
             # steps gets the client's exact gradient on any machine.
             for i, k in enumerate(ks):
-                g.add_(eps[i], alpha=weights[k])
+                if dirs.perturbs(k, p):
+                    g.add_(eps[i], alpha=weights[k])
         grads.append(g.mul_(spec.scale))
     return grads
 

@@ -36,7 +36,7 @@ from baffle.baselines import bp_gradient_update, bp_local_epoch_update
 from baffle.client import Batch, fedsgd_update, local_epoch_update, replay_local_epoch
 from baffle.config import TrainConfig
 from baffle.data import ArrayDataset, DataBundle, load_dataset, partition
-from baffle.directions import DirectionCache, DirectionScheme, derive_seed
+from baffle.directions import DirectionCache, DirectionScheme, derive_seed, layer_blocks
 from baffle.ema import EMA
 from baffle.errors import BaffleError
 from baffle.estimator import EstimatorSpec, LossFn, check_no_batchnorm, trainable_params
@@ -121,10 +121,22 @@ def setup(
         rounds_per_epoch = 1
     total = config.rounds or config.epochs * rounds_per_epoch
     val = data.train.subset(split.val) if len(split.val) else None
+    dirs = direction_scheme(config, model)
     return Federation(config, data, split.clients, val, Server(model, optimizer, ema),
                       loss_fn or F.cross_entropy, EstimatorSpec(config.K, config.sigma,
-                      config.scheme), DirectionScheme(device=_dir_device(config.device)),
-                      rounds_per_epoch, total)
+                      config.scheme), dirs, rounds_per_epoch, total)
+
+
+def direction_scheme(config: TrainConfig, model: nn.Module) -> DirectionScheme:
+    """The run's direction scheme: generation device, and one block per layer under
+    ``--perturb layer``. A K (or K-schedule value) below the layer count is refused."""
+    names = list(trainable_params(model))
+    blocks = layer_blocks(names) if config.perturb == "layer" else ()
+    dirs = DirectionScheme(device=_dir_device(config.device), blocks=blocks)
+    if config.is_baffle:
+        for K in (config.K, *config.K_values):
+            dirs.weights(K)
+    return dirs
 
 
 def _dir_device(device: str) -> str:
