@@ -24,6 +24,7 @@ from typing import Any
 
 from baffle import TrainConfig, train
 from baffle.config import from_dict
+from baffle.errors import ConfigError
 from baffle.rundir import RunDir, atomic_write
 from benchmarks.common import ROOT, table, write_section
 
@@ -119,7 +120,11 @@ def load(name: str, epochs: int) -> dict[str, Any] | None:
         return None
     record = json.loads(f.read_text())
     want = json.loads(json.dumps(config(name, epochs).to_dict()))  # tuples as lists
-    if comparable(record["config"]) != comparable(want):
+    try:
+        same = comparable(record["config"]) == comparable(want)
+    except ConfigError:  # a field since removed or renamed
+        same = False
+    if not same:
         print(f"accuracy: {f} was trained with another config; rerun {name} to replace it")
         return None
     return record

@@ -1,6 +1,8 @@
 """The benchmarks' own arithmetic: the FLOP counter by hand, the traffic table, section
 writing into a temporary file (never the real BENCHMARKS.md)."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -117,3 +119,13 @@ def test_accuracy_keeps_every_saved_run_and_drops_a_stale_one(tmp_path, monkeypa
     assert saved["best"] == max(p[2] for p in saved["curve"])
     monkeypatch.setitem(accuracy.RUNS, "a", dict(lr=0.05))  # a's entry changed: stale
     assert accuracy.load("a", 2) is None and accuracy.load("b", 2) is not None
+    # a curve saved before a config field existed counts that field at its default; one
+    # saved with a field that no longer exists is stale
+    f = tmp_path / "results" / "b.json"
+    record = json.loads(f.read_text())
+    del record["config"]["perturb"]
+    f.write_text(json.dumps(record))
+    assert accuracy.load("b", 2) is not None
+    record["config"]["retired_knob"] = 1
+    f.write_text(json.dumps(record))
+    assert accuracy.load("b", 2) is None
