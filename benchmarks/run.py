@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("seed_sharing", "passes", "throughput", "memory", "compute_vs_bp", "communication",
-              "scaling", "flower", "accuracy")  # accuracy trains for hours on a CPU: run it last
+BENCHMARKS = ("seed_sharing", "passes", "layer_shares", "throughput", "memory", "compute_vs_bp",
+              "communication", "scaling", "flower", "accuracy")  # accuracy trains for hours on a CPU: run it last
 
 
 def main(argv: list[str]) -> None:
