@@ -119,9 +119,8 @@ def load(name: str, epochs: int) -> dict[str, Any] | None:
     if not f.exists():
         return None
     record = json.loads(f.read_text())
-    want = json.loads(json.dumps(config(name, epochs).to_dict()))  # tuples as lists
     try:
-        same = comparable(record["config"]) == comparable(want)
+        same = comparable(record["config"]) == comparable(config(name, epochs).to_dict())
     except ConfigError:  # a field since removed or renamed
         same = False
     if not same:

@@ -25,14 +25,11 @@ from benchmarks.common import table, write_section
 STEPS = (0, 50, 200, 600, 1200)
 
 
-def layer_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    """|g_b|^2 per layer (weights and bias together) on batch (x, y)."""
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    names = [n for n, _ in model.named_parameters()]
-    sums = [0.0] * (max(layer_blocks(names)) + 1)
-    for b, p in zip(layer_blocks(names), model.parameters()):
-        sums[b] += float(p.grad.pow(2).sum())
+def layer_sums(blocks: tuple[int, ...], values: list[float]) -> list[float]:
+    """Per-tensor values summed per layer (weights and bias together)."""
+    sums = [0.0] * (max(blocks) + 1)
+    for b, v in zip(blocks, values):
+        sums[b] += v
     return sums
 
 
@@ -44,17 +41,18 @@ def main() -> None:
                         activation="hardswish", generator=torch.Generator().manual_seed(0))
     names = [n for n, _ in model.named_parameters()]
     blocks = layer_blocks(names)
-    layers = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
-    sizes = [sum(p.numel() for b2, p in zip(blocks, model.parameters()) if b2 == b)
-             for b in range(len(layers))]
-    n, L = sum(sizes), len(layers)
+    layers = [names[blocks.index(b)].rpartition(".")[0] for b in range(max(blocks) + 1)]
+    sizes = layer_sums(blocks, [p.numel() for p in model.parameters()])
+    n, L = int(sum(sizes)), len(layers)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
     rows = []
     for step in range(STEPS[-1] + 1):
         if step in STEPS:
             idx = torch.randint(0, len(x), (320,), generator=g)
-            sq = layer_gradients(model, x[idx], y[idx])
+            model.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            sq = layer_sums(blocks, [float(p.grad.pow(2).sum()) for p in model.parameters()])
             total = sum(sq)
             with torch.no_grad():
                 top1 = float((model(data.test.x).argmax(1) == data.test.y).float().mean()) * 100
@@ -66,7 +64,7 @@ def main() -> None:
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
-    shares = ", ".join(f"{name} {100 * s / n:.1f}%" for name, s in zip(layers, sizes))
+    shares = ", ".join(f"{name} {100 * k / n:.1f}%" for name, k in zip(layers, sizes))
     body = (
         f"LeNet on MNIST, {n:,} weights in {L} layers ({shares} of them; features.0 is "
         "conv1, features.4 conv2). Each cell: the "

@@ -128,3 +128,9 @@ def test_a_run_refuses_a_k_below_the_layer_count():
     assert setup(cfg.replace(K=3)).dirs.blocks == (0, 0, 1, 1, 2, 2)
     with pytest.raises(ConfigError, match="unknown perturb"):
         TrainConfig(perturb="every")
+
+
+def test_the_rebuild_refuses_a_cache_drawn_for_another_layout():
+    with pytest.raises(ValueError, match="another scheme"):
+        rebuild_gradient([torch.Size([4]), torch.Size([200])], 1, torch.zeros(5),
+                         EstimatorSpec(5, 1e-2), LAYERED, cache=DirectionCache(DirectionScheme()))

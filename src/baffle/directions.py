@@ -79,8 +79,8 @@ class DirectionScheme:
         if self.blocks and sorted(set(self.blocks)) != list(range(max(self.blocks) + 1)):
             raise ValueError(f"blocks must number 0..L-1 with none skipped (got {self.blocks})")
 
-    @property
-    def n_blocks(self) -> int:
+    @functools.cached_property
+    def n_blocks(self) -> int:  # cached: ``perturbs`` asks once per (direction, tensor)
         return max(self.blocks) + 1 if self.blocks else 1
 
     def perturbs(self, k: int, p: int) -> bool:

@@ -16,7 +16,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from baffle.directions import DirectionCache, DirectionScheme, directions
+from baffle.directions import DirectionCache, DirectionScheme
+from baffle.engines import drawer
 from baffle.errors import UploadError
 from baffle.estimator import EstimatorSpec
 
@@ -35,8 +36,7 @@ def rebuild_gradient(
     """The gradient estimate, one tensor per trainable parameter (same order as shapes).
 
     ``cache`` reuses directions the round's clients already drew (same values)."""
-    if cache is not None and cache.scheme != dirs:
-        raise ValueError("the direction cache was made for another scheme")
+    draw = drawer(dirs, seed, cache)  # refuses a cache of another scheme
     d = torch.as_tensor(diffs, dtype=torch.float32)
     if d.shape != (spec.K,):
         raise UploadError(f"expected {spec.K} loss differences, got shape {tuple(d.shape)}")
@@ -46,8 +46,7 @@ def rebuild_gradient(
         g = torch.zeros(shape, dtype=torch.float32, device=device)
         for start in range(0, spec.K, _CHUNK):
             ks = range(start, min(spec.K, start + _CHUNK))
-            eps = (cache.directions(seed, ks, p, shape, device) if cache is not None
-                   else directions(dirs, seed, ks, p, shape, device))
+            eps = draw(ks, p, shape, device)
             # Elementwise accumulation in a fixed k order: unlike a matmul, its rounding
             # does not depend on the thread count, so a server replaying a client's local
             # steps gets the client's exact gradient on any machine.
