@@ -17,7 +17,8 @@ from benchmarks.common import ROOT, table, write_section
 from benchmarks.engines_common import QUICK, THREADS
 
 K = 10 if QUICK else 100
-MODES = ("BAFFLE batched (auto chunk)", "BAFFLE batched, chunk 32", "BAFFLE inplace",
+LAYER = "BAFFLE batched (auto chunk), layer directions"
+MODES = ("BAFFLE batched (auto chunk)", LAYER, "BAFFLE batched, chunk 32", "BAFFLE inplace",
          "BAFFLE sequential", "plain inference", "backprop",
          "backprop + activation checkpointing")
 
@@ -34,13 +35,15 @@ def child(name: str, mode: str) -> None:
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    from baffle.directions import DirectionScheme
+    from baffle.directions import DirectionScheme, layer_blocks
     from baffle.estimator import EstimatorSpec, loss_differences
     from benchmarks.engines_common import make
 
     torch.set_num_threads(THREADS)
     model, x, y = make(name)
     spec, dirs = EstimatorSpec(K, 1e-4), DirectionScheme()
+    if mode == LAYER:  # keeps one unperturbed pass's activations for the layers below
+        dirs = DirectionScheme(blocks=layer_blocks([n for n, _ in model.named_parameters()]))
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
         if mode.startswith("BAFFLE"):
@@ -102,7 +105,8 @@ def main() -> None:
             "after the same step has run once on 2 examples (so that code loaded on first use, "
             "which is not per-step memory, is in the baseline of every row). "
             "`auto` on a CPU runs 2 perturbations per grouped pass; `chunk 32` shows what a "
-            "wide batch costs.\n\n" + "\n\n".join(sections)
+            "wide batch costs; `layer directions` (`--perturb layer`) also keeps every "
+            "activation of one unperturbed pass, so layers below a perturbed one run once.\n\n" + "\n\n".join(sections)
             + "\n\nTarget: inplace within 1.2x of plain inference.\n\n" + "\n".join(verdicts))
     write_section("memory", "Memory: peak resident set of one client step", body)
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import benchmarks.common as common
 from benchmarks import communication
-from benchmarks.flops import forward_macs
+from benchmarks.flops import forward_macs, layer_direction_flops
 from baffle.models import build_model
 
 
@@ -24,6 +24,25 @@ def test_flop_counter_handles_groups_and_strides():
     conv = nn.Conv2d(8, 4, 3, stride=2, padding=1, groups=2)
     # out 4 x 5x5, each output sums (8/2) x 3x3 inputs
     assert forward_macs(conv, torch.zeros(1, 8, 10, 10)) == 4 * 5 * 5 * 4 * 9
+
+
+def test_layer_direction_flops_count_only_the_layers_a_direction_reaches():
+    model = build_model("lenet", num_classes=10, in_channels=1)
+    c1, c2, fc = 16 * 32 * 32 * 25, 64 * 16 * 16 * 16 * 25, 64 * 10  # MACs per image
+    # K=7 over 3 layers: directions 0,3,6 on conv1 (all), 1,4 on conv2 (conv2 + fc), 2,5 fc
+    want = 3 * (c1 + c2 + fc) + 2 * (c2 + fc) + 2 * fc
+    assert layer_direction_flops(model, torch.zeros(2, 1, 32, 32), (0, 0, 1, 1, 2, 2), 7) == (
+        2 * 2 * want)
+
+    class Branches(nn.Module):  # a direction on ``left`` does not reach ``right``
+        def __init__(self):
+            super().__init__()
+            self.left, self.right = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.left(x) + self.right(x)
+
+    assert layer_direction_flops(Branches(), torch.zeros(5, 4), (0, 0, 1, 1), 2) == 2 * 2 * 5 * 12
 
 
 def test_communication_bytes_are_exact():

@@ -134,3 +134,116 @@ def test_the_rebuild_refuses_a_cache_drawn_for_another_layout():
     with pytest.raises(ValueError, match="another scheme"):
         rebuild_gradient([torch.Size([4]), torch.Size([200])], 1, torch.zeros(5),
                          EstimatorSpec(5, 1e-2), LAYERED, cache=DirectionCache(DirectionScheme()))
+
+
+def _lenet_batch():
+    from baffle.models import build_model
+
+    model = build_model("lenet", num_classes=10, in_channels=1, norm="none",
+                        generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    return model, torch.rand(5, 1, 12, 12, generator=g), torch.randint(0, 10, (5,), generator=g)
+
+
+def _calls(module: nn.Module, box: list[int]):
+    return module.register_forward_hook(lambda *_: box.__setitem__(0, box[0] + 1))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_layers_below_a_perturbed_one_run_once_per_estimate(chunk):
+    """Grouped engine, layer directions: conv1 and conv2 run unperturbed once (recorded)
+    and never again; without reuse they rerun for every chunk that does not perturb them,
+    and both give the same losses."""
+    from baffle import engines as eng
+    from baffle.estimator import grouped_plan, trainable_params
+
+    model, x, y = _lenet_batch()
+    params = trainable_params(model)
+    dirs = DirectionScheme(blocks=layer_blocks(list(params)))
+    draw = eng.drawer(dirs, 3)
+    conv1, conv2 = [0], [0]
+    hooks = [_calls(model.features[0], conv1), _calls(model.features[4], conv2)]
+    K, plan = 12, grouped_plan(model)
+    chunks = eng.block_chunks(K, chunk, dirs.blocks, len(params))
+    above = {b: sum(1 for _, moved in chunks if min(dirs.blocks[i] for i in moved) > b)
+             for b in (0, 1)}  # chunks that perturb only layers above conv1 / conv2
+    with torch.no_grad():
+        plain = eng.grouped_losses(plan, nn.functional.cross_entropy, x, y, params, draw, K,
+                                   1e-3, chunk, dirs.blocks, reuse=False)
+        assert (conv1[0], conv2[0]) == (above[0], above[1]) and above[0] > 1
+        conv1[0] = conv2[0] = 0
+        reused = eng.grouped_losses(plan, nn.functional.cross_entropy, x, y, params, draw, K,
+                                    1e-3, chunk, dirs.blocks, reuse=True)
+    for h in hooks:
+        h.remove()
+    assert (conv1[0], conv2[0]) == (1, 1)
+    torch.testing.assert_close(reused, plain, rtol=0, atol=1e-6)
+    for k in (0, 4, 11):
+        point = {n: p + 1e-3 * directions(dirs, 3, range(k, k + 1), i, p.shape)[0]
+                 for i, (n, p) in enumerate(params.items())}
+        with torch.no_grad():
+            want = nn.functional.cross_entropy(torch.func.functional_call(model, point, (x,)), y)
+        assert abs(float(reused[k]) - float(want)) < 1e-6, k
+
+
+def test_block_chunks_cover_every_direction_once_within_one_block():
+    from baffle import engines as eng
+
+    blocks = (0, 0, 1, 2, 2)
+    chunks = eng.block_chunks(10, 2, blocks, 5)
+    seen = sorted(k for ks, _ in chunks for k in ks)
+    assert seen == list(range(10))
+    for ks, moved in chunks:
+        assert len(ks) <= 2 and {k % 3 for k in ks} == {blocks[min(moved)]}
+        assert moved == {i for i, b in enumerate(blocks) if b == ks[0] % 3}
+    assert eng.block_chunks(5, 2, (), 3) == [(range(0, 2), {0, 1, 2}), (range(2, 4), {0, 1, 2}),
+                                             (range(4, 5), {0, 1, 2})]
+
+
+def test_reuse_is_chosen_only_when_the_recorded_pass_fits_the_budget():
+    from baffle import engines as eng
+    from baffle.estimator import choose_engine, grouped_plan
+
+    model, x, _ = _lenet_batch()
+    blocks = layer_blocks([n for n, _ in model.named_parameters()])
+    roomy = choose_engine(model, x, 30, "auto", 32, "1GiB", blocks)
+    assert roomy.engine == "grouped" and roomy.reuse and "reused" in roomy.reason
+    assert not choose_engine(model, x, 30, "auto", 32, "1GiB").reuse  # dense: nothing to reuse
+    peak, total = eng.activation_bytes(grouped_plan(model), x)
+    per = eng.per_perturbation_bytes(peak, sum(p.numel() * 4 for p in model.parameters()))
+    tight = choose_engine(model, x, 30, "auto", 1, f"{per + total - 1}B", blocks)
+    assert tight.engine == "grouped" and tight.chunk == 1 and not tight.reuse
+
+
+class Fork(nn.Module):
+    """A tensor read by a conv and then, last, by an in-place-able ReLU: the ReLU must not
+    overwrite the value the recorded pass keeps for the conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.side = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        a = self.side(h)
+        return self.fc(torch.flatten(self.pool(a + self.act(h)), 1))
+
+
+def test_the_recorded_pass_survives_in_place_activations():
+    from baffle.estimator import grouped_plan
+
+    torch.manual_seed(0)
+    model = Fork()
+    assert grouped_plan(model) is not None
+    x, y = torch.randn(4, 1, 6, 6), torch.tensor([0, 1, 2, 1])
+    dirs = DirectionScheme(blocks=layer_blocks([n for n, _ in model.named_parameters()]))
+    spec = EstimatorSpec(9, 1e-3)
+    ref = loss_differences(model, nn.functional.cross_entropy, x, y, 2, spec, dirs, "sequential")
+    for chunk in (1, 3):
+        est = loss_differences(model, nn.functional.cross_entropy, x, y, 2, spec, dirs,
+                               "batched", chunk)
+        torch.testing.assert_close(est.diffs, ref.diffs, rtol=0, atol=2e-6)

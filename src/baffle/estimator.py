@@ -10,7 +10,8 @@ bit-identical after every call. Engines (``baffle.engines`` has the details):
 
 - ``batched``: the K perturbed models run side by side as one grouped model (one wide
   first layer, grouped convs, ``bmm`` linears), ``chunk`` at a time within the memory
-  budget; models with ops the grouped path does not know fall back to ``vmap``.
+  budget; models with ops the grouped path does not know fall back to ``vmap``. With
+  layer directions it runs only the layers each direction's perturbation reaches.
 - ``sequential``: one functional perturbed copy (``functional_call``) at a time.
 - ``inplace``: one perturbed model at a time written into the model's own weights, module
   by module, with an exact snapshot/restore: memory close to plain inference.
@@ -117,12 +118,13 @@ def grouped_plan(model: nn.Module) -> eng.GroupedPlan | None:
     return hit[1] if isinstance(hit[1], eng.GroupedPlan) else None
 
 
-def _activation_bytes(model: nn.Module, plan: eng.GroupedPlan, x: torch.Tensor) -> int:
+def _activation_bytes(model: nn.Module, plan: eng.GroupedPlan, x: torch.Tensor
+                      ) -> tuple[int, int]:
     sizes = _PLANS[model][2]
     key = (tuple(x.shape), x.dtype, str(x.device))
     if key not in sizes:
         sizes[key] = eng.activation_bytes(plan, x)
-    return int(sizes[key])
+    return sizes[key]
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ class EngineChoice:
     engine: str  # grouped | vmap | sequential | inplace
     chunk: int
     reason: str
+    reuse: bool = False  # grouped, layer directions: keep the unperturbed pass's values
 
 
 def choose_engine(
@@ -141,19 +144,29 @@ def choose_engine(
     engine: str = "auto",
     chunk: int = 32,
     max_memory: str | int | float | None = None,
+    blocks: tuple[int, ...] = (),
 ) -> EngineChoice:
-    """Resolve ``engine`` (and ``auto``) and the chunk size under the memory budget."""
+    """Resolve ``engine`` (and ``auto``) and the chunk size under the memory budget.
+
+    With layer directions (``blocks``) the grouped engine also keeps the activations of
+    one unperturbed pass, if they fit beside a chunk, so layers below a perturbed one run
+    once per estimate."""
     params = trainable_params(model)
     budget = eng.resolve_budget(max_memory, x.device)
     pbytes = eng.param_bytes(params)
     plan = grouped_plan(model) if engine in ("batched", "auto") else None
     if engine in ("batched", "auto") and plan is not None:
-        per = eng.per_perturbation_bytes(_activation_bytes(model, plan, x), pbytes)
+        peak, total = _activation_bytes(model, plan, x)
+        per = eng.per_perturbation_bytes(peak, pbytes)
         cap = chunk if engine == "batched" else min(chunk, _cap(x.device))
         if engine == "batched" or per <= budget:
             n = eng.chunk_for(per, budget, K, cap)
-            return EngineChoice("grouped", n, f"{n} perturbations per pass, "
-                                f"{per * n / 2**20:.0f} MiB of a {budget / 2**20:.0f} MiB budget")
+            reuse = bool(blocks) and per * n + total <= budget
+            why = (f"{n} perturbations per pass, {per * n / 2**20:.0f} MiB of a "
+                   f"{budget / 2**20:.0f} MiB budget")
+            if reuse:
+                why += f"; {total / 2**20:.1f} MiB of unperturbed activations reused"
+            return EngineChoice("grouped", n, why, reuse)
     if engine in ("batched", "vmap") or (engine == "auto" and x.device.type != "cpu"
                                          and 2 * pbytes <= budget):
         n = eng.chunk_for(2 * pbytes + 2 * x.numel() * x.element_size() * 64, budget, K, chunk)
@@ -209,7 +222,7 @@ def loss_differences(
 
     if not params:  # nothing to perturb: every difference is exactly zero
         return Estimate(torch.zeros(spec.K), float(loss_at(params)), spec.forward_passes)
-    choice = choose_engine(model, x, spec.K, engine, chunk, max_memory)
+    choice = choose_engine(model, x, spec.K, engine, chunk, max_memory, dirs.blocks)
     if engine == "auto":
         eng.log_choice(model, choice.engine, choice.reason)
     if choice.engine != "vmap":  # same values, faster convs; every pass sees the same x
@@ -224,7 +237,7 @@ def loss_differences(
             assert plan is not None
             try:
                 return eng.grouped_losses(plan, loss_fn, x, y, params, draw, spec.K, step,
-                                          choice.chunk)
+                                          choice.chunk, dirs.blocks, choice.reuse)
             except eng.Unsupported as e:  # found only at run time (e.g. Linear on 3-D input)
                 log.debug("grouped engine failed on %s (%s); using vmap", type(model).__name__, e)
                 return eng.vmap_losses(lambda pt: loss_at(pt, x_orig), params, draw, spec.K,
