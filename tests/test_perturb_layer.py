@@ -8,10 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from baffle import engines as eng
 from baffle.config import TrainConfig
 from baffle.directions import DirectionCache, DirectionScheme, direction, directions, layer_blocks
 from baffle.errors import ConfigError, SchemeMismatchError
-from baffle.estimator import EstimatorSpec, loss_differences
+from baffle.estimator import (EstimatorSpec, choose_engine, grouped_plan, loss_differences,
+                              trainable_params)
+from baffle.models import build_model
 from baffle.reconstruct import rebuild_gradient
 from baffle.simulator import setup
 
@@ -137,8 +140,6 @@ def test_the_rebuild_refuses_a_cache_drawn_for_another_layout():
 
 
 def _lenet_batch():
-    from baffle.models import build_model
-
     model = build_model("lenet", num_classes=10, in_channels=1, norm="none",
                         generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
@@ -154,9 +155,6 @@ def test_layers_below_a_perturbed_one_run_once_per_estimate(chunk):
     """Grouped engine, layer directions: conv1 and conv2 run unperturbed once (recorded)
     and never again; without reuse they rerun for every chunk that does not perturb them,
     and both give the same losses."""
-    from baffle import engines as eng
-    from baffle.estimator import grouped_plan, trainable_params
-
     model, x, y = _lenet_batch()
     params = trainable_params(model)
     dirs = DirectionScheme(blocks=layer_blocks(list(params)))
@@ -187,8 +185,6 @@ def test_layers_below_a_perturbed_one_run_once_per_estimate(chunk):
 
 
 def test_block_chunks_cover_every_direction_once_within_one_block():
-    from baffle import engines as eng
-
     blocks = (0, 0, 1, 2, 2)
     chunks = eng.block_chunks(10, 2, blocks, 5)
     seen = sorted(k for ks, _ in chunks for k in ks)
@@ -201,9 +197,6 @@ def test_block_chunks_cover_every_direction_once_within_one_block():
 
 
 def test_reuse_is_chosen_only_when_the_recorded_pass_fits_the_budget():
-    from baffle import engines as eng
-    from baffle.estimator import choose_engine, grouped_plan
-
     model, x, _ = _lenet_batch()
     blocks = layer_blocks([n for n, _ in model.named_parameters()])
     roomy = choose_engine(model, x, 30, "auto", 32, "1GiB", blocks)
@@ -234,8 +227,6 @@ class Fork(nn.Module):
 
 
 def test_the_recorded_pass_survives_in_place_activations():
-    from baffle.estimator import grouped_plan
-
     torch.manual_seed(0)
     model = Fork()
     assert grouped_plan(model) is not None

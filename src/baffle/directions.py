@@ -87,6 +87,10 @@ class DirectionScheme:
         """Whether direction ``k`` moves parameter tensor ``p`` (else it is zero there)."""
         return not self.blocks or k % self.n_blocks == self.blocks[p]
 
+    def moving(self, p: int, K: int) -> range:
+        """The directions k < K that move tensor ``p``: all, or its block's b, b+L, ..."""
+        return range(self.blocks[p], K, self.n_blocks) if self.blocks else range(K)
+
     def weights(self, K: int) -> list[float]:
         """K / K_b(k) for k < K: the per-direction factors of the blockwise average (all
         1 without blocks). Raises ``ConfigError`` if some block would get no direction."""

@@ -44,15 +44,15 @@ def rebuild_gradient(
     grads = []
     for p, shape in enumerate(shapes):
         g = torch.zeros(shape, dtype=torch.float32, device=device)
-        for start in range(0, spec.K, _CHUNK):
-            ks = range(start, min(spec.K, start + _CHUNK))
+        moving = dirs.moving(p, spec.K)  # the other directions are zero on this tensor
+        for start in range(0, len(moving), _CHUNK):
+            ks = moving[start:start + _CHUNK]
             eps = draw(ks, p, shape, device)
             # Elementwise accumulation in a fixed k order: unlike a matmul, its rounding
             # does not depend on the thread count, so a server replaying a client's local
             # steps gets the client's exact gradient on any machine.
             for i, k in enumerate(ks):
-                if dirs.perturbs(k, p):
-                    g.add_(eps[i], alpha=weights[k])
+                g.add_(eps[i], alpha=weights[k])
         grads.append(g.mul_(spec.scale))
     return grads
 
