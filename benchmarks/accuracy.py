@@ -8,6 +8,10 @@ Each run lives in ``runs/accuracy/<name>`` and resumes where it stopped, so the 
 can be interrupted and re-run. ``BAFFLE_ACC_EPOCHS`` (default 20) sets the length,
 ``BAFFLE_ACC_RUNS`` (comma-separated names) a subset, ``BAFFLE_MNIST_DIR`` the data
 (default ``../shared/data/mnist``); ``BAFFLE_ACC_REPORT_ONLY=1`` tabulates without training.
+``BAFFLE_ACC_DEVICE=cuda`` trains on a GPU and ``BAFFLE_ACC_JOBS=N`` runs N trainings at once,
+each in its own process (a GPU has room for many LeNet runs; each logs to
+``runs/accuracy/<name>.log``). Where a run trained (``machine()``, plus the GPU) is kept
+beside it and in its saved record.
 
 After each run the benchmark saves its test curve to ``benchmarks/results/accuracy/<name>.json``
 (committed: ``runs/`` is not), and the section tabulates every saved curve whose config still
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +32,10 @@ from baffle import TrainConfig, train
 from baffle.config import from_dict
 from baffle.errors import ConfigError
 from baffle.rundir import RunDir, atomic_write
-from benchmarks.common import ROOT, table, write_section
+from benchmarks.common import ROOT, machine, table, write_section
 
 MNIST = os.environ.get("BAFFLE_MNIST_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
+DEVICE = os.environ.get("BAFFLE_ACC_DEVICE", "cpu")
 AUTHORS = dict(dataset="mnist", data_dir=MNIST, model="lenet", norm="none",
                activation="hardswish", clients=10, split="iid", K=100, sigma=1e-4,
                scheme="forward", optimizer="adam", lr=1e-2, ema=True, batch_size=32)
@@ -37,6 +44,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "baffle-fedsgd-client": dict(mode="fedsgd", seed_sharing="client"),
     "baffle-epoch-round": dict(mode="epoch", seed_sharing="round"),
     "baffle-epoch-client": dict(mode="epoch", seed_sharing="client"),
+    # each client's Adam carries over from round to round (the server replays it too)
+    "baffle-epoch-client-keep": dict(mode="epoch", seed_sharing="client",
+                                     client_optimizer="keep"),
     # a quarter of the forward passes: what the `passes` benchmark found on digits
     "baffle-fedsgd-client-k25": dict(mode="fedsgd", seed_sharing="client", K=25),
     # fedsgd-client plateaus near 90% from epoch 13 at a constant lr: decay it at half
@@ -47,6 +57,10 @@ RUNS: dict[str, dict[str, Any]] = {
     # lifts both seed sharings on digits
     "baffle-fedsgd-client-layer": dict(mode="fedsgd", seed_sharing="client", perturb="layer"),
     "baffle-fedsgd-round-layer": dict(mode="fedsgd", seed_sharing="round", perturb="layer"),
+    # the two that helped on their own, together
+    "baffle-fedsgd-client-layer-decay": dict(mode="fedsgd", seed_sharing="client",
+                                             perturb="layer", lr_milestones=(10, 15),
+                                             lr_gamma=0.2),
     "bp-fedsgd": dict(method="bp-fedsgd"),
     "bp-fedavg": dict(method="bp-fedavg"),
 }
@@ -55,6 +69,8 @@ WHY = {  # what each run asks, printed beside its command
     "baffle-fedsgd-client": "the authors' code: every client its own K directions (C*K a step)",
     "baffle-epoch-round": "epoch-level mode (one upload per epoch), one seed per round",
     "baffle-epoch-client": "epoch-level mode, client seeds",
+    "baffle-epoch-client-keep": "epoch-level mode, client seeds, each client keeping its Adam "
+                                "state between rounds",
     "baffle-fedsgd-client-k25": "a quarter of the forward passes",
     "baffle-fedsgd-client-decay": "does an lr decay lift the constant-lr plateau?",
     "baffle-fedsgd-client-layer": "layer directions: each direction moves one of the 3 "
@@ -62,6 +78,7 @@ WHY = {  # what each run asks, printed beside its command
                                   "other layers' gradient noise",
     "baffle-fedsgd-round-layer": "layer directions with one seed per round (secure-aggregation "
                                  "compatible)",
+    "baffle-fedsgd-client-layer-decay": "layer directions and the lr decay together",
     "bp-fedsgd": "backprop, one step per round",
     "bp-fedavg": "backprop, one local epoch per round",
 }
@@ -89,33 +106,74 @@ def curve(run: Path) -> list[tuple[float, float, float]]:
 
 
 def config(name: str, epochs: int) -> TrainConfig:
-    return TrainConfig(**{**AUTHORS, **RUNS[name], "epochs": epochs})
+    return TrainConfig(**{**AUTHORS, **RUNS[name], "epochs": epochs, "device": DEVICE})
+
+
+# where and how long a run trains, not what it trains: a curve from a GPU stands for the
+# same experiment as one from a CPU (other draws, same distribution)
+NOT_COMPARED = ("epochs", "data_dir", "device", "checkpoint_every")
 
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What must match for a saved curve to stand for a run: all but length and data path.
+    """What must match for a saved curve to stand for a run: all but ``NOT_COMPARED``.
     A field added after the curve was saved counts at its default."""
     full = json.loads(json.dumps(from_dict(cfg).to_dict()))  # tuples as lists
-    return {k: v for k, v in full.items() if k not in ("epochs", "data_dir")}
+    return {k: v for k, v in full.items() if k not in NOT_COMPARED}
+
+
+def where(name: str) -> str:
+    """The machine run ``name`` trained on, as written beside it when it started."""
+    f = OUT / f"{name}.machine"
+    return f.read_text().strip() if f.exists() else ""
+
+
+def describe_machine(device: str) -> str:
+    import torch
+
+    gpu = (f"{torch.cuda.get_device_name(torch.device(device))}, "
+           if torch.device(device).type == "cuda" else "")
+    return gpu + machine()
+
+
+def seconds_per_round(run: Path) -> float:
+    """Mean wall time of a round (clients and server, evaluation excluded)."""
+    rows = RunDir(run).metrics()
+    return sum(r["wall_s"] for r in rows) / len(rows)
+
+
+def record_file(name: str, on: str) -> Path:
+    """Where run ``name``'s record is kept: one per run and kind of machine (CPU, GPU)."""
+    return RESULTS / f"{name}.json" if on == "CPU" else RESULTS / "gpu" / f"{name}.json"
 
 
 def save(name: str, run: Path, epochs: int) -> None:
-    """Keep run ``name``'s curve and best test top-1 in ``RESULTS``."""
+    """Keep run ``name``'s curve and best test top-1 in ``RESULTS``, unless a longer curve
+    of it from the same kind of machine is already kept."""
     pts = curve(run)
     if not pts:
         return
     cfg = RunDir(run).config()
-    record = {"command": command({**AUTHORS, **RUNS[name], "epochs": epochs}),
+    on = "CPU" if cfg.device == "cpu" else "GPU"
+    old = load(name, epochs, on)
+    if old is not None and old["curve"][-1][0] > pts[-1][0]:
+        print(f"accuracy: kept the saved {name} ({old['curve'][-1][0]:g} epochs, longer than "
+              f"the {pts[-1][0]:g} in {run})")
+        return
+    device = {} if cfg.device == "cpu" else {"device": cfg.device}
+    record = {"command": command({**AUTHORS, **RUNS[name], "epochs": epochs, **device}),
               "config": cfg.to_dict(), "best": max(p[2] for p in pts),
-              "curve": [list(p) for p in pts]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+              "curve": [list(p) for p in pts], "machine": where(name),
+              "s_per_round": seconds_per_round(run)}
+    f = record_file(name, on)
+    f.parent.mkdir(parents=True, exist_ok=True)
     text = (json.dumps(record, indent=1) + "\n").encode()
-    atomic_write(RESULTS / f"{name}.json", lambda f: f.write(text))
+    atomic_write(f, lambda out: out.write(text))
 
 
-def load(name: str, epochs: int) -> dict[str, Any] | None:
-    """Run ``name``'s saved record, or None if there is none or its config has changed."""
-    f = RESULTS / f"{name}.json"
+def load(name: str, epochs: int, on: str = "CPU") -> dict[str, Any] | None:
+    """Run ``name``'s saved record from a CPU or a GPU, or None if there is none or its
+    config has changed."""
+    f = record_file(name, on)
     if not f.exists():
         return None
     record = json.loads(f.read_text())
@@ -129,41 +187,53 @@ def load(name: str, epochs: int) -> dict[str, Any] | None:
     return record
 
 
-def report(records: dict[str, dict[str, Any]], epochs: int) -> None:
+def report(records: dict[tuple[str, str], dict[str, Any]], epochs: int) -> None:
+    """The table and plot of every kept record, keyed by (run, CPU or GPU)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, fig, axes = [], *plt.subplots(1, 2, figsize=(11, 4))
-    for name, rec in records.items():
+    rows, fig, axes = [], *plt.subplots(1, 2, figsize=(14, 4.5))
+    color = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(RUNS)}  # CPU, GPU alike
+    for (name, on), rec in records.items():
         pts, best = rec["curve"], rec["best"]
         reach = next((p for p in pts if p[2] >= 95.2), None)
-        rows.append([name, f"{pts[-1][0]:.1f}", f"{pts[-1][1]:,.0f}", f"{pts[-1][2]:.2f}",
+        style = dict(marker=".", ls="-" if on == "CPU" else "--", color=color.get(name),
+                     label=name if on == "CPU" else f"{name} (GPU)")
+        speed = f"{rec['s_per_round']:.2f}" if "s_per_round" in rec else "-"
+        rows.append([name, on, speed, f"{pts[-1][0]:.1f}", f"{pts[-1][1]:,.0f}",
+                     f"{pts[-1][2]:.2f}",
                      f"{best:.2f}",
                      "-" if reach is None else f"epoch {reach[0]:.0f}, {reach[1]:,.0f} passes",
                      " ".join(f"{p[2]:.1f}" for p in pts)])
-        axes[0].plot([p[0] for p in pts], [p[2] for p in pts], marker=".", label=name)
-        axes[1].plot([p[1] for p in pts], [p[2] for p in pts], marker=".", label=name)
+        axes[0].plot([p[0] for p in pts], [p[2] for p in pts], **style)
+        axes[1].plot([p[1] for p in pts], [p[2] for p in pts], **style)
     axes[0].set(xlabel="epoch", ylabel="test top-1 (%)")
     axes[1].set(xlabel="forward passes per client", ylabel="test top-1 (%)", xscale="log")
     for ax in axes:
         ax.axhline(PAPER, color="grey", ls=":", lw=1)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.82, 1))
     figure = ROOT / "benchmarks" / "figures" / "accuracy.png"
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=100)
     plt.close(fig)
     cmds = "\n".join(
-        f"- {n}" + (f" ({WHY[n]})" if n in WHY else "") + f": `{rec['command']}`"
-        + (f" ({rec['source']})" if "source" in rec else "") for n, rec in records.items())
+        f"- {n}{'' if on == 'CPU' else ' on a GPU'}" + (f" ({WHY[n]})" if n in WHY else "")
+        + f": `{rec['command']}`"
+        + (f" ({rec['source']})" if "source" in rec else "")
+        + (f"; trained on {rec['machine']}" if rec.get("machine") else "")
+        for (n, on), rec in records.items())
     body = (
         f"The authors' MNIST setting; target: at least 95.2% test top-1 within {epochs} "
         f"epochs (the paper reports {PAPER}%). Runs train for {epochs} epochs; a run "
-        "cut short reports the epochs it finished.\n\n"
-        + table(["run", "epochs done", "forward passes per client", "last test top-1 %",
+        "cut short reports the epochs it finished. `s per round` is the mean wall time of a "
+        "round as logged (recorded since 2026-11-28); runs trained side by side shared the "
+        "machine (see how many under each run's machine below).\n\n"
+        + table(["run", "trained on", "s per round", "epochs done",
+                 "forward passes per client", "last test top-1 %",
                  "best %", "first >= 95.2%",
                  "test top-1 after each epoch"], rows)
         + "\n\nRuns (one whose directory is still here resumes with "
@@ -173,16 +243,56 @@ def report(records: dict[str, dict[str, Any]], epochs: int) -> None:
     write_section("accuracy", "Accuracy against the paper: MNIST, the authors' setting", body)
 
 
+def train_one(name: str, epochs: int) -> None:
+    run = OUT / name
+    resume = (run / "config.json").exists()
+    if not resume:
+        OUT.mkdir(parents=True, exist_ok=True)
+        shared = os.environ.get("BAFFLE_ACC_SHARED", "1")
+        (OUT / f"{name}.machine").write_text(
+            f"{describe_machine(DEVICE)}; {shared} run(s) at a time\n")
+    train(config(name, epochs), run_dir=run, resume=resume)
+
+
+def train_parallel(names: list[str], jobs: int) -> None:
+    """Each run in its own process, ``jobs`` at a time; a failed run is reported, not fatal."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    waiting, running = list(names), []
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            name = waiting.pop(0)
+            env = {**os.environ, "BAFFLE_ACC_RUNS": name, "BAFFLE_ACC_JOBS": "1",
+                   "BAFFLE_ACC_CHILD": "1", "BAFFLE_ACC_SHARED": str(min(jobs, len(names)))}
+            log = open(OUT / f"{name}.log", "a")  # noqa: SIM115 - open while the run lasts
+            running.append((name, log, subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.accuracy"], env=env, cwd=ROOT,
+                stdout=log, stderr=subprocess.STDOUT)))
+        name, log, proc = running.pop(0)
+        if proc.wait() != 0:
+            print(f"accuracy: {name} failed (exit {proc.returncode}); see {log.name}")
+        log.close()
+
+
 def main() -> None:
     epochs = int(os.environ.get("BAFFLE_ACC_EPOCHS", "20"))
+    jobs = int(os.environ.get("BAFFLE_ACC_JOBS", "1"))
     names = [n for n in os.environ.get("BAFFLE_ACC_RUNS", ",".join(RUNS)).split(",") if n]
+    unknown = sorted(set(names) - set(RUNS))
+    if unknown:
+        sys.exit(f"error: unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+    if not os.environ.get("BAFFLE_ACC_REPORT_ONLY"):
+        if jobs > 1:
+            train_parallel(names, jobs)
+        else:
+            for name in names:
+                train_one(name, epochs)
+    if os.environ.get("BAFFLE_ACC_CHILD"):
+        return
     for name in names:
-        run = OUT / name
-        if not os.environ.get("BAFFLE_ACC_REPORT_ONLY"):
-            train(config(name, epochs), run_dir=run, resume=(run / "config.json").exists())
-        if (run / "metrics.jsonl").exists():
-            save(name, run, epochs)
-    records = {n: r for n in RUNS if (r := load(n, epochs)) is not None}
+        if (OUT / name / "metrics.jsonl").exists():
+            save(name, OUT / name, epochs)
+    records = {(n, on): r for n in RUNS for on in ("CPU", "GPU")
+               if (r := load(n, epochs, on)) is not None}
     report(records, epochs)
 
 

@@ -11,7 +11,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import ROOT, table, write_section
 from benchmarks.engines_common import QUICK, THREADS
@@ -30,20 +32,20 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def child(name: str, mode: str) -> None:
+def make_step(name: str, mode: str, model: Any, K: int = K, device: str = "cpu"
+              ) -> Callable[[Any, Any], None]:
+    """One client step of kind ``mode`` on ``model`` (directions drawn on ``device``)."""
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
     from baffle.directions import DirectionScheme, layer_blocks
     from baffle.estimator import EstimatorSpec, loss_differences
-    from benchmarks.engines_common import make
 
-    torch.set_num_threads(THREADS)
-    model, x, y = make(name)
-    spec, dirs = EstimatorSpec(K, 1e-4), DirectionScheme()
+    spec, dirs = EstimatorSpec(K, 1e-4), DirectionScheme(device=device)
     if mode == LAYER:  # keeps one unperturbed pass's activations for the layers below
-        dirs = DirectionScheme(blocks=layer_blocks([n for n, _ in model.named_parameters()]))
+        dirs = DirectionScheme(device=device,
+                               blocks=layer_blocks([n for n, _ in model.named_parameters()]))
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
         if mode.startswith("BAFFLE"):
@@ -64,6 +66,17 @@ def child(name: str, mode: str) -> None:
                     True for _ in s.parameters()) else s(h)
             F.cross_entropy(h, yb).backward()
 
+    return step
+
+
+def child(name: str, mode: str) -> None:
+    import torch
+
+    from benchmarks.engines_common import make
+
+    torch.set_num_threads(THREADS)
+    model, x, y = make(name)
+    step = make_step(name, mode, model)
     step(x[:2], y[:2])  # the same step on 2 examples: loads its code and warms the allocator
     model.zero_grad(set_to_none=True)
     base = _status("VmRSS")

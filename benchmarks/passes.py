@@ -2,7 +2,7 @@
 sharing, sigma, K, a K schedule, an lr decay and layer directions, each against the
 paper's protocol (forward, K=100, one seed per round) on the same data, model and epochs.
 
-    python -m benchmarks.run passes      # 48 curves: ~1 h on 2 AVX2 cores in 2 shards
+    python -m benchmarks.run passes      # 54 curves: ~1 h on 2 AVX2 cores in 2 shards
 
 The target is the reference's accuracy at the end of its budget (mean over seeds); a
 variant's cost is the forward passes per client until its seed-mean test accuracy
@@ -73,6 +73,11 @@ VARIANTS = (
             dict(seed_sharing="client", perturb="layer")),
     Variant("forward, K=25, client seeds, layer directions",
             dict(K=25, seed_sharing="client", perturb="layer")),
+    # epoch mode: one local epoch of BAFFLE steps per round, same passes per epoch; each
+    # client's Adam fresh every round, or kept from round to round (--client-optimizer keep)
+    Variant("epoch mode, K=100, client seeds", dict(mode="epoch", seed_sharing="client")),
+    Variant("epoch mode, K=100, client seeds, kept client optimizer",
+            dict(mode="epoch", seed_sharing="client", client_optimizer="keep")),
 )
 
 
@@ -162,7 +167,7 @@ def main() -> None:
     plt.close(fig)
     body = (
         f"digits, LeNet (no norm, Hardswish), C={BASE.clients} iid, Adam lr {BASE.lr}, EMA, "
-        f"batch {BASE.batch_size}, FedSGD, {BASE.epochs} epochs for every variant, seeds "
+        f"batch {BASE.batch_size}, FedSGD unless named, {BASE.epochs} epochs for every variant, seeds "
         f"{SEEDS}; sigma {BASE.sigma} unless named. Target: the reference's mean test top-1 "
         f"after {BASE.epochs} epochs, {target:.2f}%. Cost: forward passes per client until "
         "the seed-mean first reaches it (evaluated once per epoch). Curves trained with "

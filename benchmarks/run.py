@@ -10,7 +10,7 @@ import importlib
 import sys
 
 BENCHMARKS = ("seed_sharing", "passes", "layer_shares", "throughput", "memory", "compute_vs_bp",
-              "communication", "scaling", "flower", "accuracy")  # accuracy trains for hours on a CPU: run it last
+              "communication", "scaling", "flower", "gpu", "accuracy")  # accuracy trains for hours on a CPU: run it last
 
 
 def main(argv: list[str]) -> None:

@@ -27,11 +27,11 @@ DIRS = DirectionScheme()
 def naive_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
     """The authors' pattern: build a perturbed state dict, load it, evaluate; K times."""
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
     base = F.cross_entropy(model(x), y)
     out = torch.empty(K)
     for k in range(K):
-        perturbed = {n: (v + SIGMA * torch.randn(v.shape, generator=gen)
+        perturbed = {n: (v + SIGMA * torch.randn(v.shape, generator=gen, device=v.device)
                          if v.is_floating_point() else v) for n, v in original.items()}
         model.load_state_dict(perturbed)
         out[k] = F.cross_entropy(model(x), y) - base

@@ -2,15 +2,17 @@
 writing into a temporary file (never the real BENCHMARKS.md)."""
 
 import json
+import re
 
 import pytest
 import torch
 from torch import nn
 
 import benchmarks.common as common
+from baffle import train
+from baffle.models import build_model
 from benchmarks import communication
 from benchmarks.flops import forward_macs, layer_direction_flops
-from baffle.models import build_model
 
 
 def test_flop_counter_matches_a_hand_count_for_lenet():
@@ -118,7 +120,14 @@ def test_accuracy_rows_print_a_command_the_cli_accepts():
     assert (args.lr_milestones, args.seed_sharing, args.K) == ("10,15", "client", "100")
 
 
-def test_accuracy_keeps_every_saved_run_and_drops_a_stale_one(tmp_path, monkeypatch):
+def _row(name, on, text):
+    """The accuracy table's row of run ``name`` trained on ``on``, 2 epochs done."""
+    return re.search(rf"^\| {name} \| {on} \| [0-9.]+ \| 2\.0 \|", text, flags=re.M)
+
+
+@pytest.fixture
+def accuracy(tmp_path, monkeypatch):
+    """The accuracy benchmark on digits (2 clients, K=3), writing only under ``tmp_path``."""
     from benchmarks import accuracy
 
     monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
@@ -126,13 +135,17 @@ def test_accuracy_keeps_every_saved_run_and_drops_a_stale_one(tmp_path, monkeypa
     monkeypatch.setattr(accuracy, "OUT", tmp_path / "runs")
     monkeypatch.setattr(accuracy, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(accuracy, "AUTHORS", dict(dataset="digits", clients=2, K=3, ema=False))
+    return accuracy
+
+
+def test_accuracy_keeps_every_saved_run_and_drops_a_stale_one(accuracy, tmp_path, monkeypatch):
     monkeypatch.setattr(accuracy, "RUNS", {"a": dict(lr=0.03), "b": dict(lr=0.01)})
     monkeypatch.setenv("BAFFLE_ACC_EPOCHS", "2")
     for name in ("a", "b"):  # one run per invocation, as a resumed subset would
         monkeypatch.setenv("BAFFLE_ACC_RUNS", name)
         accuracy.main()
     text = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "| a | 2.0 |" in text and "| b | 2.0 |" in text  # b's run kept a's row
+    assert _row("a", "CPU", text) and _row("b", "CPU", text)  # b's run kept a's row
     saved = accuracy.load("a", 2)
     assert [p[0] for p in saved["curve"]] == [1.0, 2.0]
     assert saved["best"] == max(p[2] for p in saved["curve"])
@@ -148,3 +161,29 @@ def test_accuracy_keeps_every_saved_run_and_drops_a_stale_one(tmp_path, monkeypa
     record["config"]["retired_knob"] = 1
     f.write_text(json.dumps(record))
     assert accuracy.load("b", 2) is None
+
+
+def test_accuracy_keeps_the_longer_curve_and_a_gpu_record_beside_the_cpu_one(
+        accuracy, tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "RUNS", {"a": dict(lr=0.03)})
+    monkeypatch.setenv("BAFFLE_ACC_RUNS", "a")
+    monkeypatch.setenv("BAFFLE_ACC_EPOCHS", "2")
+    accuracy.main()
+    assert (tmp_path / "runs" / "a.machine").read_text().strip()  # where it trained
+    two = accuracy.load("a", 2)
+    assert len(two["curve"]) == 2 and two["machine"]
+    # a shorter curve of the same run does not replace the longer one
+    short = tmp_path / "short"
+    train(accuracy.config("a", 1), run_dir=short)
+    accuracy.save("a", short, 2)
+    assert accuracy.load("a", 2)["curve"] == two["curve"]
+    # a GPU's record of the same run is kept beside the CPU's, and both are tabulated
+    record = json.loads((tmp_path / "results" / "a.json").read_text())
+    record["config"]["device"] = "cuda"
+    (tmp_path / "results" / "gpu").mkdir()
+    (tmp_path / "results" / "gpu" / "a.json").write_text(json.dumps(record))
+    assert accuracy.load("a", 2, "GPU") is not None
+    monkeypatch.setenv("BAFFLE_ACC_REPORT_ONLY", "1")
+    accuracy.main()
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert _row("a", "CPU", text) and _row("a", "GPU", text)

@@ -31,6 +31,8 @@ def run_cli(*args, cwd=None):
     (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
     (["--norm", "batch"], "BatchNorm"),
     (["--clients", "abc"], "bad value 'abc' for clients"),
+    (["--client-optimizer", "keep"], "applies to BAFFLE's epoch mode"),
+    (["--mode", "epoch", "--client-optimizer", "reuse"], "unknown client optimizer"),
 ])
 def test_bad_input_one_line_error(tmp_path, args, fragment):
     r = run_cli("train", *FAST, "--out", str(tmp_path / "run"), *args)

@@ -42,6 +42,7 @@ def test_app_config_lists_every_train_config_field_and_parses():
     """Only keys in [tool.flwr.app.config] can be overridden by ``flwr run --run-config``."""
     pytest.importorskip("flwr")
     from baffle.config import TrainConfig
+    from baffle.errors import ConfigError
     from baffle.flower.wire import FLOWER_KEYS, config_from_run_config
 
     cfg = app_config()
@@ -50,6 +51,9 @@ def test_app_config_lists_every_train_config_field_and_parses():
     train_cfg, flower = config_from_run_config(cfg)
     assert (train_cfg.dataset, train_cfg.clients, train_cfg.rounds) == ("digits", 2, 3)
     assert flower == {"run-dir": "", "resume": False, "round-timeout": 600.0}
+    # a kept client optimizer needs client state Flower does not keep: refused, one line
+    with pytest.raises(ConfigError, match="only in the in-process simulator"):
+        config_from_run_config({**cfg, "mode": "epoch", "client-optimizer": "keep"})
 
 
 # -- helpers ---------------------------------------------------------------------------

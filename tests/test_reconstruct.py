@@ -1,5 +1,6 @@
 """Reconstruction: unbiasedness with 1/sqrt(K) error, linearity, exact replay."""
 
+import copy
 import functools
 import math
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from baffle.aggregate import Upload, aggregate_gradient, mean_diffs
-from baffle.client import local_epoch_update, replay_local_epoch
+from baffle.client import local_epoch_update, local_optimizer, replay_local_epoch
 from baffle.directions import DirectionScheme
 from baffle.estimator import EstimatorSpec, loss_differences
 from baffle.reconstruct import rebuild_gradient, rescale_inf_norm, write_grads
@@ -113,8 +114,10 @@ def test_write_grads_then_stock_optimizer_step():
     assert torch.allclose(model.w.detach(), w0 - 0.5)
 
 
-def test_epoch_level_replay_reproduces_the_client_model():
-    """The server rebuilds a client's whole local trajectory from (seeds, scalars) alone."""
+@pytest.mark.parametrize("keep", [False, True])
+def test_epoch_level_replay_reproduces_the_client_model(keep):
+    """The server rebuilds a client's whole local trajectory from (seeds, scalars) alone;
+    with a kept optimizer it also ends with the client's optimizer state, round after round."""
     from baffle.models import build_model
     import torch.nn.functional as F
 
@@ -127,15 +130,55 @@ def test_epoch_level_replay_reproduces_the_client_model():
                for _ in range(4)]
     spec = EstimatorSpec(12, 1e-3)
     make_opt = functools.partial(make_optimizer, "adam", lr=1e-2)
-    client_model = fresh()
-    start = [p.detach().clone() for p in client_model.parameters()]
-    upload = local_epoch_update(3, client_model, F.cross_entropy, batches, [11, 12, 13, 14], spec,
-                                DIRS, make_opt, 0.3)
-    assert upload.diffs.shape == (4, 12)
-    assert any(not torch.equal(a, b) for a, b in zip(start, client_model.parameters()))
-    replayed = replay_local_epoch(fresh(), upload, spec, DIRS, make_opt, 0.3)
-    for r, c in zip(replayed, client_model.parameters()):
-        assert torch.allclose(r, c.detach(), rtol=0, atol=1e-7)
+    client_model, server_model = fresh(), fresh()
+    kept = None  # the optimizer state both sides carry into the next round
+    for rnd in range(2):
+        start = [p.detach().clone() for p in client_model.parameters()]
+        state_before = copy.deepcopy(kept)
+        client_opt = local_optimizer(make_opt, client_model, kept)
+        upload = local_epoch_update(3, client_model, F.cross_entropy, batches,
+                                    [11 + 4 * rnd + i for i in range(4)], spec, DIRS, client_opt,
+                                    0.3)
+        assert upload.diffs.shape == (4, 12)
+        assert any(not torch.equal(a, b) for a, b in zip(start, client_model.parameters()))
+        if kept is not None:  # the client stepped a copy: the kept state is untouched
+            for a, b in zip(_tensors(kept), _tensors(state_before), strict=True):
+                assert torch.equal(a, b)
+        server_opt = local_optimizer(make_opt, server_model, kept)
+        replayed = replay_local_epoch(server_model, upload, spec, DIRS, server_opt, 0.3)
+        for r, c in zip(replayed, client_model.parameters(), strict=True):
+            assert torch.equal(r, c.detach())
+        mine, theirs = client_opt.state_dict(), server_opt.state_dict()
+        for a, b in zip(_tensors(mine), _tensors(theirs), strict=True):
+            assert torch.equal(a, b)
+        if keep:
+            kept = theirs
+            assert int(_tensors({"s": kept["state"][0]["step"]})[0]) == 4 * (rnd + 1)
+        else:
+            client_model, server_model = fresh(), fresh()
+
+
+def _tensors(state):
+    """Every tensor in a (nested) optimizer state dict, in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for k in sorted(state, key=str) for t in _tensors(state[k])]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _tensors(v)]
+    return []
+
+
+def test_a_kept_optimizer_takes_the_rounds_hyperparameters():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.5)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    again = local_optimizer(functools.partial(make_optimizer, "adam", lr=0.01), model,
+                            opt.state_dict())
+    assert again.param_groups[0]["lr"] == 0.01  # the round's lr, not the saved 0.5
+    assert torch.equal(again.state_dict()["state"][0]["exp_avg"],
+                       opt.state_dict()["state"][0]["exp_avg"])
 
 
 def test_rebuild_does_not_depend_on_the_thread_count():

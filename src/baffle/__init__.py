@@ -6,7 +6,7 @@ seed -> directions -> estimator (K loss differences) -> aggregate -> reconstruct
 """
 
 from baffle.aggregate import Upload, aggregate_gradient, mean_diffs
-from baffle.client import fedsgd_update, local_epoch_update, replay_local_epoch
+from baffle.client import fedsgd_update, local_epoch_update, local_optimizer, replay_local_epoch
 from baffle.config import TrainConfig, from_dict, load_toml
 from baffle.directions import SCHEME_VERSION, DirectionScheme, derive_seed, direction
 from baffle.errors import BaffleError, ConfigError, DataError, SchemeMismatchError, UploadError
@@ -39,6 +39,7 @@ __all__ = [
     "from_dict",
     "load_toml",
     "local_epoch_update",
+    "local_optimizer",
     "loss_differences",
     "make_optimizer",
     "mean_diffs",

@@ -3,11 +3,15 @@
 Forward passes only: a client never calls ``backward``. In a local epoch the client
 rebuilds its own gradient from its own scalars (``local_step``) and steps its own
 optimizer, so the server can replay the very same steps from (seeds, scalars) alone.
+That optimizer is fresh each round or carries the client's state from its last round
+(``local_optimizer``); the server replays with the same starting state either way.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,6 +63,20 @@ def local_step(
                        clip)
 
 
+def local_optimizer(make_optimizer: OptimizerMaker, model: nn.Module,
+                    state: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """A local optimizer over ``model``'s trainable parameters: fresh, or carrying the
+    per-parameter ``state`` (Adam's moments, a step count) of an earlier round. The
+    hyperparameters (lr, betas, ...) stay those ``make_optimizer`` gives now."""
+    optimizer = make_optimizer(trainable_params(model).values())
+    if state is not None:
+        now = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        optimizer.load_state_dict(copy.deepcopy(state))  # it steps in place: keep ``state``
+        for group, hyper in zip(optimizer.param_groups, now, strict=True):
+            group.update(hyper)
+    return optimizer
+
+
 def local_epoch_update(
     client: int,
     model: nn.Module,
@@ -67,14 +85,14 @@ def local_epoch_update(
     seeds: Sequence[int],
     spec: EstimatorSpec,
     dirs: DirectionScheme,
-    make_optimizer: OptimizerMaker,
+    optimizer: torch.optim.Optimizer,
     clip: float | None,
     engine: Engine = "auto",
     chunk: int = 32,
     max_memory: str | int | None = None,
 ) -> Upload:
-    """E local BAFFLE steps on the client's own copy of the model; upload (E, K) scalars."""
-    optimizer = make_optimizer(trainable_params(model).values())
+    """E local BAFFLE steps on the client's own copy of the model, stepping ``optimizer``
+    (over that copy's parameters, see ``local_optimizer``); upload (E, K) scalars."""
     rows, losses = [], []
     for (x, y), seed in zip(batches, seeds, strict=True):
         est = loss_differences(model, loss_fn, x, y, seed, spec, dirs, engine, chunk,
@@ -91,15 +109,16 @@ def replay_local_epoch(
     upload: Upload,
     spec: EstimatorSpec,
     dirs: DirectionScheme,
-    make_optimizer: OptimizerMaker,
+    optimizer: torch.optim.Optimizer,
     clip: float | None,
 ) -> list[torch.Tensor]:
     """Server side: rebuild a client's local model from its seeds and scalars alone.
 
-    ``model`` starts at the weights the client started from and is stepped in place.
+    ``model`` starts at the weights the client started from and is stepped in place by
+    ``optimizer``, which must start where the client's did (fresh, or the same state);
+    it ends where the client's ended.
     """
     assert upload.diffs is not None
-    optimizer = make_optimizer(trainable_params(model).values())
     for seed, diffs in zip(upload.seeds, upload.diffs, strict=True):
         local_step(model, optimizer, seed, diffs, spec, dirs, clip)
     return [p.detach().clone() for p in trainable_params(model).values()]

@@ -66,6 +66,32 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CPU_CHUNK_CAP = 2
 
 
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """Full float32 convolutions and matmuls (no TF32) inside the block, restored after.
+
+    cuDNN runs float32 convolutions in TF32 by default on Ampere and later GPUs: inputs
+    keep 10 mantissa bits, a relative error near 1e-3 in the loss. The loss differences
+    are O(sigma) = 1e-4 of a loss near 1, so TF32 would bury them; every engine runs
+    under this. A no-op on CPUs.
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision"):  # torch >= 2.9
+        saved = cudnn.conv.fp32_precision, matmul.fp32_precision
+        cudnn.conv.fp32_precision = matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            cudnn.conv.fp32_precision, matmul.fp32_precision = saved
+        return
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 class Unsupported(Exception):
     """The grouped engine cannot run this model (an op it does not know)."""
 

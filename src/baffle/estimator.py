@@ -188,6 +188,7 @@ def _cap(device: torch.device) -> int:
 
 
 @torch.no_grad()
+@eng.exact_fp32()  # no TF32: it would bury the O(sigma) differences on a GPU
 def loss_differences(
     model: nn.Module,
     loss_fn: LossFn,

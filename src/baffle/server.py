@@ -8,7 +8,8 @@ it loads the example-weighted average of the clients' (replayed) models instead.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,6 +78,9 @@ class Server:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     ema: EMA | None = None
+    # client -> its local optimizer's state after its last replayed epoch (epoch mode,
+    # --client-optimizer keep); empty otherwise
+    client_optim: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def shapes(self) -> list[torch.Size]:
@@ -106,9 +110,17 @@ class Server:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
+            "client_optim": self.client_optim,
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.model.load_state_dict(state["model"])  # type: ignore[arg-type]
         self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
-        self.ema = None if state["ema"] is None else EMA.from_state(state["ema"])  # type: ignore[arg-type]
+        self.client_optim = dict(state.get("client_optim") or {})  # type: ignore[call-overload]
+        if state["ema"] is None:
+            self.ema = None
+            return
+        ema = EMA.from_state(state["ema"])  # type: ignore[arg-type]
+        # checkpoints load onto the CPU; the shadow lives beside the model it follows
+        device = next(self.model.parameters()).device
+        self.ema = EMA(ema.decay, {n: t.to(device) for n, t in ema.shadow.items()}, ema.updates)

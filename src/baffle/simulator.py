@@ -33,7 +33,13 @@ from baffle.aggregate import (
     weights_of,
 )
 from baffle.baselines import bp_gradient_update, bp_local_epoch_update
-from baffle.client import Batch, fedsgd_update, local_epoch_update, replay_local_epoch
+from baffle.client import (
+    Batch,
+    fedsgd_update,
+    local_epoch_update,
+    local_optimizer,
+    replay_local_epoch,
+)
 from baffle.config import TrainConfig
 from baffle.data import ArrayDataset, DataBundle, load_dataset, partition
 from baffle.directions import DirectionCache, DirectionScheme, derive_seed, layer_blocks
@@ -212,9 +218,12 @@ def run_client(fed: Federation, client: int, round_: int, lr: float, seed: int) 
     local = copy.deepcopy(model)
     if cfg.method == "bp-fedavg":
         return bp_local_epoch_update(client, local, fed.loss_fn, batches, make_opt)
+    # client_optimizer=keep: in process, the client's optimizer state is the server's
+    # replayed copy of it, bit-identical by construction (tests/test_reconstruct.py)
+    optimizer = local_optimizer(make_opt, local, fed.server.client_optim.get(client))
     return local_epoch_update(client, local, fed.loss_fn, batches,
                               client_seeds(seed, cfg.seed_sharing, client, steps), spec, fed.dirs,
-                              make_opt, cfg.clip_value, cfg.engine,  # type: ignore[arg-type]
+                              optimizer, cfg.clip_value, cfg.engine,  # type: ignore[arg-type]
                               cfg.chunk, cfg.max_memory)
 
 
@@ -244,8 +253,14 @@ def update_server(fed: Federation, uploads: Sequence[Upload], lr: float, round_:
     else:  # epoch-level BAFFLE: replay every client's trajectory from its scalars
         make_opt = functools.partial(make_optimizer, cfg.optimizer, lr=lr, betas=cfg.betas,
                                      momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        replayed = [replay_local_epoch(copy.deepcopy(server.model), u, spec, fed.dirs,
-                                       make_opt, cfg.clip_value) for u in uploads]
+        replayed = []
+        for u in uploads:
+            local = copy.deepcopy(server.model)
+            optimizer = local_optimizer(make_opt, local, server.client_optim.get(u.client))
+            replayed.append(replay_local_epoch(local, u, spec, fed.dirs, optimizer,
+                                               cfg.clip_value))
+            if cfg.client_optimizer == "keep":
+                server.client_optim[u.client] = optimizer.state_dict()
         server.load_average(replayed, weights_of(uploads))
 
 

@@ -30,7 +30,11 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[TrainConfig, dic
     """Split a Flower run config into our TrainConfig and the Flower-only settings."""
     flower = {k: run_config.get(k, v) for k, v in FLOWER_KEYS.items()}
     values = {k.replace("-", "_"): v for k, v in run_config.items() if k not in FLOWER_KEYS}
-    return from_dict(values), flower
+    config = from_dict(values)
+    if config.client_optimizer != "fresh":
+        raise ConfigError("client-optimizer = \"keep\" runs only in the in-process simulator "
+                          "(baffle train): Flower clients keep no optimizer state between rounds")
+    return config, flower
 
 
 def round_config(round_: int, seed: int, lr: float, spec: EstimatorSpec,

@@ -1,0 +1,118 @@
+"""On a CUDA device: every engine against a float64 reference, exact restore, the
+fingerprint of GPU-drawn directions, and training (learns, resumes bit-identically).
+
+Skipped without a GPU; run on one with ``pytest tests/test_cuda.py``.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from baffle import TrainConfig, train
+from baffle.directions import DirectionScheme, directions, layer_blocks
+from baffle.errors import SchemeMismatchError
+from baffle.estimator import EstimatorSpec, choose_engine, loss_differences
+from baffle.models import build_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+GPU = DirectionScheme(device="cuda")
+
+
+def _model(name, batch=16):
+    cin, norm = (1, "none") if name == "lenet" else (3, "group")
+    model = build_model(name, num_classes=10, in_channels=cin, norm=norm,
+                        generator=torch.Generator().manual_seed(0)).cuda()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, cin, 32, 32, generator=g)
+    return model, x.cuda(), torch.randint(0, 10, (batch,), generator=g).cuda()
+
+
+def _float64_diffs(model, x, y, seed, spec, dirs):
+    """d_k in float64 on the CPU, along the very directions the GPU drew."""
+    m64 = copy.deepcopy(model).double().cpu()
+    w = {n: p.detach() for n, p in m64.named_parameters()}
+    x64, y64 = x.double().cpu(), y.cpu()
+
+    def loss(point):
+        return F.cross_entropy(functional_call(m64, point, (x64,)), y64)
+
+    base, out = loss(w), []
+    for k in range(spec.K):
+        point = {n: p + spec.sigma * directions(dirs, seed, range(k, k + 1), i, p.shape)[0]
+                 .cpu().double() for i, (n, p) in enumerate(w.items())}
+        out.append(float(loss(point) - base))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.fixture
+def tf32_on():
+    """cuDNN's default on this GPU generation: float32 convs in TF32."""
+    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, mm.fp32_precision
+    conv.fp32_precision = mm.fp32_precision = "tf32"
+    yield
+    conv.fp32_precision, mm.fp32_precision = saved
+
+
+@pytest.mark.parametrize("name", ["lenet", "wrn-10-2"])
+@pytest.mark.parametrize("perturb", ["all", "layer"])
+def test_every_engine_matches_float64_on_the_gpu(name, perturb, tf32_on):
+    model, x, y = _model(name)
+    dirs = GPU if perturb == "all" else DirectionScheme(
+        device="cuda", blocks=layer_blocks([n for n, _ in model.named_parameters()]))
+    spec = EstimatorSpec(12, 1e-3)
+    ref = _float64_diffs(model, x, y, 5, spec, dirs)
+    before = [p.detach().clone() for p in model.parameters()]
+    for engine, chunk in [("sequential", 1), ("batched", 5), ("inplace", 1), ("vmap", 4),
+                          ("auto", 32)]:
+        est = loss_differences(model, F.cross_entropy, x, y, 5, spec, dirs, engine, chunk)
+        rel = float((est.diffs.double() - ref).norm() / ref.norm())
+        # float32 rounding of a loss near 2.3 is ~1e-6 against d_k ~ 1e-3: rel ~ 1e-3.
+        # TF32 (10-bit mantissas) would put ~1e-3 into every loss: rel ~ 1.
+        assert rel < 0.03, (engine, chunk, rel)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"  # the caller's setting is back
+
+
+def test_auto_runs_the_grouped_engine_on_the_gpu():
+    model, x, _ = _model("lenet", batch=32)
+    choice = choose_engine(model, x, 100, "auto", chunk=100)
+    assert choice.engine == "grouped" and choice.chunk == 100, choice
+
+
+def test_gpu_directions_have_their_own_fingerprint():
+    cpu = DirectionScheme()
+    assert GPU.fingerprint() != cpu.fingerprint()
+    GPU.check(GPU.version, GPU.fingerprint())
+    with pytest.raises(SchemeMismatchError, match="device cuda"):
+        GPU.check(cpu.version, cpu.fingerprint())
+    a = directions(GPU, 3, range(2), 0, (5, 7))
+    assert a.device.type == "cuda" and torch.equal(a, directions(GPU, 3, range(2), 0, (5, 7)))
+
+
+SMALL = TrainConfig(dataset="digits", clients=5, K=30, lr=0.03, epochs=12, device="cuda")
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(seed_sharing="client", perturb="layer"),
+                                   dict(mode="epoch")])
+def test_training_on_the_gpu_learns(extra):
+    res = train(SMALL.replace(**extra))
+    assert res.summary["rejected_uploads"] == 0
+    assert next(res.model.parameters()).device.type == "cuda"
+    assert res.summary["test_top1"] > 30.0  # chance is 10%; the CPU's end-to-end test's bar
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(mode="epoch", local_steps=4)])
+def test_gpu_run_resumes_bit_identically(tmp_path, extra):
+    cfg = SMALL.replace(rounds=6, epochs=0, **extra)
+    ref = train(cfg, run_dir=tmp_path / "ref")
+    train(cfg.replace(rounds=3), run_dir=tmp_path / "cut")
+    # continue the 3-round run to 6 rounds from its checkpoint
+    (tmp_path / "cut" / "config.json").write_text(
+        (tmp_path / "ref" / "config.json").read_text())
+    res = train(cfg, run_dir=tmp_path / "cut", resume=True)
+    for a, b in zip(ref.model.state_dict().values(), res.model.state_dict().values()):
+        assert torch.equal(a, b)
