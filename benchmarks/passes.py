@@ -144,8 +144,8 @@ def main() -> None:
     ref_cost = first_reach(ref_passes, ref_mean, target)
     assert ref_cost is not None
     rows = []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for v in VARIANTS:
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    for i, v in enumerate(VARIANTS):
         passes, accs = results[v.name]
         mean = [sum(a) / len(a) for a in zip(*accs)]
         cost = first_reach(passes, mean, target)
@@ -156,19 +156,19 @@ def main() -> None:
         rows.append([v.name, f"{passes[-1] / len(passes):.0f}",  # a mean under a K schedule
                      " / ".join(f"{a[-1]:.1f}" for a in accs), f"{mean[-1]:.2f}",
                      "-" if cost is None else f"{cost:,.0f}", verdict])
-        ax.plot(passes, mean, marker=".", ms=3, label=v.name)
+        ax.plot(passes, mean, marker=".", ms=3, label=v.name, color=plt.get_cmap("tab20")(i % 20))
     ax.axhline(target, color="grey", ls=":", lw=1)
     ax.set(xlabel="forward passes per client", ylabel="test top-1 % (mean of seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.7, 1))
     figure = ROOT / "benchmarks" / "figures" / "passes.png"
     fig.savefig(figure, dpi=100)
     plt.close(fig)
     body = (
         f"digits, LeNet (no norm, Hardswish), C={BASE.clients} iid, Adam lr {BASE.lr}, EMA, "
-        f"batch {BASE.batch_size}, FedSGD unless named, {BASE.epochs} epochs for every variant, seeds "
-        f"{SEEDS}; sigma {BASE.sigma} unless named. Target: the reference's mean test top-1 "
+        f"batch {BASE.batch_size}, FedSGD unless named, {BASE.epochs} epochs for every "
+        f"variant, seeds {SEEDS}; sigma {BASE.sigma} unless named. Target: the reference's mean test top-1 "
         f"after {BASE.epochs} epochs, {target:.2f}%. Cost: forward passes per client until "
         "the seed-mean first reaches it (evaluated once per epoch). Curves trained with "
         f"{'/'.join(map(str, threads))} torch thread(s) each: float32 sums round differently "
