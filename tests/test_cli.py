@@ -31,7 +31,7 @@ def run_cli(*args, cwd=None):
     (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
     (["--norm", "batch"], "BatchNorm"),
     (["--clients", "abc"], "bad value 'abc' for clients"),
-    (["--client-optimizer", "keep"], "applies to BAFFLE's epoch mode"),
+    (["--client-optimizer", "keep"], "applies to local epochs"),
     (["--mode", "epoch", "--client-optimizer", "reuse"], "unknown client optimizer"),
 ])
 def test_bad_input_one_line_error(tmp_path, args, fragment):

@@ -25,6 +25,8 @@ def _final_state(run):
     (["--rounds", "30", "--lr", "0.03"], 9),
     (["--mode", "epoch", "--rounds", "6", "--local-steps", "5"], 2),
     (["--mode", "epoch", "--rounds", "6", "--local-steps", "5", "--client-optimizer", "keep"], 2),
+    (["--method", "bp-fedavg", "--rounds", "6", "--local-steps", "5",
+      "--client-optimizer", "keep"], 2),
 ])
 def test_kill_and_resume_equals_uninterrupted(tmp_path, extra, kill_after):
     ref, cut = tmp_path / "ref", tmp_path / "cut"

@@ -119,3 +119,22 @@ def test_same_seed_same_run_other_seed_other_run():
     pa, pb, pc = ([p for p in r.model.parameters()] for r in (a, b, c))
     assert all(torch.equal(x, y) for x, y in zip(pa, pb))
     assert not all(torch.equal(x, y) for x, y in zip(pa, pc))
+
+
+@pytest.mark.parametrize("method", ["baffle", "bp-fedavg"])
+@pytest.mark.parametrize("keep", [False, True])
+def test_kept_client_optimizers_count_every_local_step(tmp_path, method, keep):
+    """With keep, each client's optimizer state has seen all its local steps so far, and it
+    is in the checkpoint; without, nothing is kept."""
+    cfg = SMALL.replace(method=method, mode="epoch" if method == "baffle" else "fedsgd",
+                        rounds=2, local_steps=3,
+                        client_optimizer="keep" if keep else "fresh")
+    train(cfg, run_dir=tmp_path)
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["server"]["client_optim"]
+    if not keep:
+        assert kept == {}
+        return
+    assert sorted(kept) == list(range(cfg.clients))
+    for state in kept.values():
+        assert all(int(s["step"]) == 2 * 3 for s in state["state"].values())
+

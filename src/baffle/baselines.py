@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from baffle.aggregate import Upload
-from baffle.client import Batch, OptimizerMaker
+from baffle.client import Batch
 from baffle.estimator import LossFn, trainable_params
 
 
@@ -32,11 +32,11 @@ def bp_local_epoch_update(
     model: nn.Module,
     loss_fn: LossFn,
     batches: Sequence[Batch],
-    make_optimizer: OptimizerMaker,
+    optimizer: torch.optim.Optimizer,
 ) -> Upload:
-    """E local backprop steps on the client's copy; upload the resulting model."""
+    """E local backprop steps on the client's copy, stepping ``optimizer`` (over that copy's
+    parameters, see ``client.local_optimizer``); upload the resulting model."""
     params = list(trainable_params(model).values())
-    optimizer = make_optimizer(params)
     losses = []
     for x, y in batches:
         optimizer.zero_grad(set_to_none=True)

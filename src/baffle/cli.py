@@ -70,8 +70,8 @@ HELP = {
     "ema_decay": "EMA decay (updated once per epoch, with warm-up)",
     "seed": "run seed: data split, init, directions, sampling",
     "device": "cpu or cuda",
-    "client_optimizer": "epoch mode: fresh (a new local optimizer each round) | keep (each "
-                        "client's optimizer state carries over; the server replays it too)",
+    "client_optimizer": "local epochs (epoch mode, bp-fedavg): fresh (a new local optimizer "
+                        "each round) | keep (each client's optimizer state carries over)",
     "eval_every": "rounds between evaluations (0 = once per epoch)",
     "checkpoint_every": "rounds between checkpoints",
 }

@@ -65,7 +65,7 @@ class TrainConfig:
     rounds: int = 0  # if > 0, overrides epochs
     batch_size: int = 32
     local_steps: int = 0  # epoch mode: local steps per round (0 = one local epoch)
-    client_optimizer: str = "fresh"  # epoch mode: a new local optimizer each round, or keep one
+    client_optimizer: str = "fresh"  # local epochs: a new local optimizer each round, or keep one
     # optimizer (a stock torch.optim class)
     optimizer: str = "adam"
     lr: float = 1e-2
@@ -126,9 +126,9 @@ def validate(c: TrainConfig) -> None:
     choose("split", c.split, SPLITS)
     choose("perturb", c.perturb, PERTURB)
     choose("client optimizer", c.client_optimizer, CLIENT_OPTIMIZER)
-    if c.client_optimizer == "keep" and not (c.is_baffle and c.round_mode == "epoch"):
-        raise ConfigError("--client-optimizer keep applies to BAFFLE's epoch mode (--mode epoch), "
-                          "where the server replays each client's local optimizer")
+    if c.client_optimizer == "keep" and c.round_mode != "epoch":
+        raise ConfigError("--client-optimizer keep applies to local epochs (--mode epoch or "
+                          "--method bp-fedavg)")
     choose("engine", c.engine, ENGINES)
     resolve_budget(c.max_memory, "cpu")  # a one-line ConfigError for a bad size
     validate_spec(c.K, c.sigma, c.scheme)

@@ -78,8 +78,8 @@ class Server:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     ema: EMA | None = None
-    # client -> its local optimizer's state after its last replayed epoch (epoch mode,
-    # --client-optimizer keep); empty otherwise
+    # client -> its local optimizer's state after its last local epoch (--client-optimizer
+    # keep): BAFFLE's as the server replayed it, bp-fedavg's as the client left it; else empty
     client_optim: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property

@@ -216,11 +216,14 @@ def run_client(fed: Federation, client: int, round_: int, lr: float, seed: int) 
     steps = local_steps(fed, client)
     batches = client_batches(fed, client, round_, steps)
     local = copy.deepcopy(model)
-    if cfg.method == "bp-fedavg":
-        return bp_local_epoch_update(client, local, fed.loss_fn, batches, make_opt)
-    # client_optimizer=keep: in process, the client's optimizer state is the server's
-    # replayed copy of it, bit-identical by construction (tests/test_reconstruct.py)
+    # client_optimizer=keep: BAFFLE's client starts from the server's replayed copy of its
+    # state, bit-identical to its own by construction (tests/test_reconstruct.py)
     optimizer = local_optimizer(make_opt, local, fed.server.client_optim.get(client))
+    if cfg.method == "bp-fedavg":
+        upload = bp_local_epoch_update(client, local, fed.loss_fn, batches, optimizer)
+        if cfg.client_optimizer == "keep":  # the client's own state; kept with the server's
+            fed.server.client_optim[client] = optimizer.state_dict()  # so checkpoints hold it
+        return upload
     return local_epoch_update(client, local, fed.loss_fn, batches,
                               client_seeds(seed, cfg.seed_sharing, client, steps), spec, fed.dirs,
                               optimizer, cfg.clip_value, cfg.engine,  # type: ignore[arg-type]
