@@ -140,3 +140,19 @@ def test_a_shared_direction_cache_changes_nothing(engine):
     assert cache.hits > 0
     shape = next(model.parameters()).shape
     assert torch.equal(cache.directions(9, range(5), 0, shape), directions(DIRS, 9, range(5), 0, shape))
+
+
+def test_exact_fp32_turns_tf32_off_inside_and_restores_the_callers_settings():
+    conv, mm = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, mm.fp32_precision, torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # a caller who allows TF32 matmuls (legacy API)
+    try:
+        with eng.exact_fp32():
+            assert (conv.fp32_precision, mm.fp32_precision) == ("ieee", "ieee")
+        assert mm.fp32_precision == "tf32" and conv.fp32_precision == before[0]
+        # the legacy getters still read after the block
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cudnn.allow_tf32 == (before[0] == "tf32")
+    finally:
+        torch.set_float32_matmul_precision(before[2])
+

@@ -73,7 +73,9 @@ def exact_fp32() -> Iterator[None]:
     cuDNN runs float32 convolutions in TF32 by default on Ampere and later GPUs: inputs
     keep 10 mantissa bits, a relative error near 1e-3 in the loss. The loss differences
     are O(sigma) = 1e-4 of a loss near 1, so TF32 would bury them; every engine runs
-    under this. A no-op on CPUs.
+    under this. It changes nothing a CPU computes. Inside the block torch's legacy
+    ``allow_tf32`` getters raise (torch >= 2.9 refuses to read a mix of the two APIs); the
+    caller's settings, legacy ones included, are back after it.
     """
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     if hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision"):  # torch >= 2.9
