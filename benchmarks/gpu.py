@@ -7,6 +7,7 @@ Skipped, leaving its section as it was, where no CUDA device is visible.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -49,20 +50,31 @@ def matmul_peak(n: int = 8192) -> dict[str, float]:
     return out
 
 
+def float64_diffs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int,
+                  spec: EstimatorSpec, dirs: DirectionScheme) -> torch.Tensor:
+    """d_k = L(W + sigma eps_k) - L(W) in float64 on the CPU, along the very directions
+    ``dirs`` draws (on whatever device it draws them): the reference for any engine."""
+    m64 = copy.deepcopy(model).double().cpu()
+    w = {n: p.detach() for n, p in m64.named_parameters()}
+    x64, y64 = x.double().cpu(), y.cpu()
+
+    def loss(point: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(torch.func.functional_call(m64, point, (x64,)), y64)
+
+    base = loss(w)
+    return torch.stack([loss({n: p + spec.sigma * directions(dirs, seed, range(k, k + 1), i,
+                                                             p.shape)[0].cpu().double()
+                              for i, (n, p) in enumerate(w.items())}) - base
+                        for k in range(spec.K)])
+
+
 def tf32_error(name: str) -> tuple[float, float]:
     """Relative error of the grouped engine's d_k against float64, with and without the guard
     (cuDNN's default TF32 convolutions switched on around both)."""
     model, x, y = make(name, batch=32)
     model, x, y = model.to(DEV), x.to(DEV), y.to(DEV)
     spec, dirs = EstimatorSpec(16, SIGMA), DirectionScheme(device=DEV)
-    m64, x64 = model.double(), x.double()
-    w = {n: p.detach().clone() for n, p in m64.named_parameters()}
-    f64 = torch.func.functional_call
-    base = F.cross_entropy(f64(m64, w, (x64,)), y)
-    ref = torch.stack([F.cross_entropy(f64(m64, {n: p + SIGMA * directions(
-        dirs, 9, range(k, k + 1), i, p.shape)[0].double() for i, (n, p) in enumerate(w.items())},
-        (x64,)), y) - base for k in range(spec.K)]).cpu()
-    model = model.float()
+    ref = float64_diffs(model, x, y, 9, spec, dirs)
     unguarded = loss_differences.__wrapped__.__wrapped__  # under no_grad, without exact_fp32
     conv = torch.backends.cudnn.conv
     saved, conv.fp32_precision = conv.fp32_precision, "tf32"

@@ -4,18 +4,16 @@ fingerprint of GPU-drawn directions, and training (learns, resumes bit-identical
 Skipped without a GPU; run on one with ``pytest tests/test_cuda.py``.
 """
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from baffle import TrainConfig, train
 from baffle.directions import DirectionScheme, directions, layer_blocks
 from baffle.errors import SchemeMismatchError
 from baffle.estimator import EstimatorSpec, choose_engine, loss_differences
 from baffle.models import build_model
+from benchmarks.gpu import float64_diffs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 GPU = DirectionScheme(device="cuda")
@@ -28,23 +26,6 @@ def _model(name, batch=16):
     g = torch.Generator().manual_seed(1)
     x = torch.rand(batch, cin, 32, 32, generator=g)
     return model, x.cuda(), torch.randint(0, 10, (batch,), generator=g).cuda()
-
-
-def _float64_diffs(model, x, y, seed, spec, dirs):
-    """d_k in float64 on the CPU, along the very directions the GPU drew."""
-    m64 = copy.deepcopy(model).double().cpu()
-    w = {n: p.detach() for n, p in m64.named_parameters()}
-    x64, y64 = x.double().cpu(), y.cpu()
-
-    def loss(point):
-        return F.cross_entropy(functional_call(m64, point, (x64,)), y64)
-
-    base, out = loss(w), []
-    for k in range(spec.K):
-        point = {n: p + spec.sigma * directions(dirs, seed, range(k, k + 1), i, p.shape)[0]
-                 .cpu().double() for i, (n, p) in enumerate(w.items())}
-        out.append(float(loss(point) - base))
-    return torch.tensor(out, dtype=torch.float64)
 
 
 @pytest.fixture
@@ -64,7 +45,7 @@ def test_every_engine_matches_float64_on_the_gpu(name, perturb, tf32_on):
     dirs = GPU if perturb == "all" else DirectionScheme(
         device="cuda", blocks=layer_blocks([n for n, _ in model.named_parameters()]))
     spec = EstimatorSpec(12, 1e-3)
-    ref = _float64_diffs(model, x, y, 5, spec, dirs)
+    ref = float64_diffs(model, x, y, 5, spec, dirs)
     before = [p.detach().clone() for p in model.parameters()]
     for engine, chunk in [("sequential", 1), ("batched", 5), ("inplace", 1), ("vmap", 4),
                           ("auto", 32)]:

@@ -38,8 +38,13 @@ class EMA:
         return {"decay": self.decay, "shadow": self.shadow, "updates": self.updates}
 
     @classmethod
-    def from_state(cls, state: dict[str, object]) -> EMA:
-        return cls(float(state["decay"]), dict(state["shadow"]), int(state["updates"]))  # type: ignore[arg-type, call-overload]
+    def from_state(cls, state: dict[str, object], device: torch.device | str | None = None
+                   ) -> EMA:
+        """An EMA from ``state_dict()``, its shadow moved to ``device`` (checkpoints load
+        onto the CPU; the shadow must sit beside the model it follows)."""
+        shadow = {n: t.to(device) for n, t in state["shadow"].items()}  # type: ignore[attr-defined]
+        updates = int(state["updates"])  # type: ignore[call-overload]
+        return cls(float(state["decay"]), shadow, updates)  # type: ignore[arg-type]
 
 
 def _floats(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

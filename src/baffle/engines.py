@@ -79,19 +79,17 @@ def exact_fp32() -> Iterator[None]:
     """
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     if hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision"):  # torch >= 2.9
-        saved = cudnn.conv.fp32_precision, matmul.fp32_precision
-        cudnn.conv.fp32_precision = matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            cudnn.conv.fp32_precision, matmul.fp32_precision = saved
-        return
-    saved = cudnn.allow_tf32, matmul.allow_tf32
-    cudnn.allow_tf32 = matmul.allow_tf32 = False
+        flags = [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+    else:
+        flags = [(cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
+    saved = [getattr(obj, name) for obj, name, _ in flags]
+    for obj, name, value in flags:
+        setattr(obj, name, value)
     try:
         yield
     finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = saved
+        for (obj, name, _), value in zip(flags, saved, strict=True):
+            setattr(obj, name, value)
 
 
 class Unsupported(Exception):

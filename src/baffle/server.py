@@ -117,10 +117,5 @@ class Server:
         self.model.load_state_dict(state["model"])  # type: ignore[arg-type]
         self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
         self.client_optim = dict(state.get("client_optim") or {})  # type: ignore[call-overload]
-        if state["ema"] is None:
-            self.ema = None
-            return
-        ema = EMA.from_state(state["ema"])  # type: ignore[arg-type]
-        # checkpoints load onto the CPU; the shadow lives beside the model it follows
-        device = next(self.model.parameters()).device
-        self.ema = EMA(ema.decay, {n: t.to(device) for n, t in ema.shadow.items()}, ema.updates)
+        ema, device = state["ema"], next(self.model.parameters()).device
+        self.ema = None if ema is None else EMA.from_state(ema, device)  # type: ignore[arg-type]
