@@ -187,3 +187,9 @@ def test_accuracy_keeps_the_longer_curve_and_a_gpu_record_beside_the_cpu_one(
     accuracy.main()
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert _row("a", "CPU", text) and _row("a", "GPU", text)
+
+
+def test_accuracy_refuses_an_unknown_run_in_one_line(accuracy, monkeypatch):
+    monkeypatch.setenv("BAFFLE_ACC_RUNS", "bp-fedsgd,no-such-run")
+    with pytest.raises(SystemExit, match=r"^error: unknown run\(s\) no-such-run; choose from "):
+        accuracy.main()
