@@ -24,6 +24,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "flower-app"
@@ -51,9 +52,11 @@ def test_app_config_lists_every_train_config_field_and_parses():
     train_cfg, flower = config_from_run_config(cfg)
     assert (train_cfg.dataset, train_cfg.clients, train_cfg.rounds) == ("digits", 2, 3)
     assert flower == {"run-dir": "", "resume": False, "round-timeout": 600.0}
-    # a kept client optimizer needs client state Flower does not keep: refused, one line
-    with pytest.raises(ConfigError, match="only in the in-process simulator"):
-        config_from_run_config({**cfg, "mode": "epoch", "client-optimizer": "keep"})
+    # the kept client optimizer runs on Flower too (tests/test_flower_sim.py)
+    kept, _ = config_from_run_config({**cfg, "mode": "epoch", "client-optimizer": "keep"})
+    assert kept.client_optimizer == "keep"
+    with pytest.raises(ConfigError, match="applies to local epochs"):
+        config_from_run_config({**cfg, "client-optimizer": "keep"})  # fedsgd: refused
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -141,6 +144,32 @@ def test_tls_deployment_trains_like_the_simulator(deployment, tmp_path):
     assert [r["train_loss"] for r in got] == pytest.approx([r["train_loss"] for r in ref],
                                                            rel=1e-5)
     assert got[-1]["test_top1"] == pytest.approx(ref[-1]["test_top1"], abs=0.3)
+
+
+@needs_flower
+@pytest.mark.slow
+def test_deployed_nodes_keep_their_local_optimizers(deployment, tmp_path):
+    """Epoch mode with --client-optimizer keep on real SuperNodes: each node's Adam state
+    lives in its Context.state from round to round (else the server, told so by the
+    digest, would replay 2 fresh steps, not 6), and training matches the simulator."""
+    from baffle import train
+    from baffle.flower.wire import config_from_run_config
+
+    run_dir = tmp_path / "run"
+    overrides = {"K": 4, "rounds": 3, "mode": "epoch", "local-steps": 2,
+                 "seed-sharing": "client", "client-optimizer": "keep",
+                 "run-dir": str(run_dir), "round-timeout": 120.0}
+    run_id = deployment.submit(APP, overrides)
+    st = deployment.wait(run_id, timeout=240)
+    assert st["status"] == "finished:completed", deployment.logs(run_id)[-3000:]
+    got = rows(run_dir)
+    assert [(r["accepted"], r["rejected"]) for r in got] == [(2, 0)] * 3
+    kept = torch.load(run_dir / "checkpoint.pt", weights_only=False)["server"]["client_optim"]
+    assert {c: int(s["state"][0]["step"]) for c, s in kept.items()} == {0: 6, 1: 6}
+    cfg, _ = config_from_run_config({**app_config(), **overrides, "run-dir": ""})
+    ref = train(cfg).metrics
+    assert [r["train_loss"] for r in got] == pytest.approx([r["train_loss"] for r in ref],
+                                                           rel=1e-5)
 
 
 @needs_flower

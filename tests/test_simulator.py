@@ -138,3 +138,43 @@ def test_kept_client_optimizers_count_every_local_step(tmp_path, method, keep):
     for state in kept.values():
         assert all(int(s["step"]) == 2 * 3 for s in state["state"].values())
 
+
+
+def test_server_replays_a_kept_client_only_from_a_state_it_holds():
+    """A kept client's upload names the optimizer state its epoch started from: the
+    server's own copy (replayed exactly), fresh (a restarted client: replayed fresh and the
+    copy replaced), or one the server never held (rejected, the copy left as it was)."""
+    import dataclasses
+    import time
+
+    from baffle.client import optimizer_digest
+    from baffle.simulator import begin_round, client_round, finish_round, replay_base, setup
+
+    fed = setup(SMALL.replace(mode="epoch", local_steps=2, client_optimizer="keep"))
+    clients = list(range(fed.config.clients))
+
+    def play(r, starts, tamper=None):
+        lr = begin_round(fed, r)
+        ups, states = [], {}
+        for c in clients:
+            u, states[c] = client_round(fed, c, r, lr, 7 + r, starts(c))
+            ups.append(tamper(u) if tamper else u)
+        return finish_round(fed, r, lr, clients, ups, [], time.perf_counter()), states
+
+    record, states = play(0, lambda c: None)
+    assert record["accepted"] == 4
+    held = dict(fed.server.client_optim)
+    for c in clients:  # the server's replay ends where the client's own epoch ended
+        assert replay_base(fed, c) == optimizer_digest(states[c]) != 0
+
+    # client 0 restarted (fresh start); client 1 claims a state the server never held
+    bogus = lambda u: dataclasses.replace(u, optim_base=12345) if u.client == 1 else u  # noqa: E731
+    record, states = play(1, lambda c: None if c == 0 else held[c], bogus)
+    assert record["accepted"] == 3
+    (why,) = record["rejections"]
+    assert why["client"] == 1 and "cannot replay" in why["reason"]
+    assert fed.server.client_optim[1] is held[1]  # untouched by the rejected upload
+    steps = {c: int(s["state"][0]["step"]) for c, s in fed.server.client_optim.items()}
+    assert steps == {0: 2, 1: 2, 2: 4, 3: 4}  # client 0 replayed fresh, 2 and 3 kept
+    for c in (0, 2, 3):
+        assert replay_base(fed, c) == optimizer_digest(states[c])

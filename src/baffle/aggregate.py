@@ -25,6 +25,8 @@ class Upload:
     ``diffs`` holds K loss differences per local step: shape (K,) for FedSGD, (E, K) for
     an epoch of E local steps; ``seeds`` are the seeds it used, one per local step.
     Backprop baselines upload a gradient or model instead, in ``tensors``.
+    ``optim_base`` is the digest of the local optimizer state the epoch started from
+    (``client.optimizer_digest``; 0: a fresh optimizer).
     """
 
     client: int
@@ -35,6 +37,7 @@ class Upload:
     loss: float = float("nan")
     forward_passes: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    optim_base: int = 0
 
 
 def upload_problem(upload: Upload, K: int, steps: int | None = None) -> str | None:

@@ -10,6 +10,7 @@ That optimizer is fresh each round or carries the client's state from its last r
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -75,6 +76,25 @@ def local_optimizer(make_optimizer: OptimizerMaker, model: nn.Module,
         for group, hyper in zip(optimizer.param_groups, now, strict=True):
             group.update(hyper)
     return optimizer
+
+
+def optimizer_digest(state: dict[str, Any] | None) -> int:
+    """A 63-bit digest of an optimizer's per-parameter state (Adam's moments and step
+    counts), 0 for none (a fresh optimizer). Equal states, bit for bit, give equal digests;
+    the hyperparameters are left out, as ``local_optimizer`` replaces them anyway."""
+    if state is None:
+        return 0
+    h = hashlib.blake2b(digest_size=8, person=b"baffle-optim")
+    for p in sorted(state["state"]):
+        for key in sorted(state["state"][p]):
+            value = state["state"][p][key]
+            if value is None:  # e.g. SGD without momentum keeps no buffer
+                h.update(f"{p}/{key}/none|".encode())
+                continue
+            value = torch.as_tensor(value).detach().cpu().contiguous()
+            h.update(f"{p}/{key}/{value.dtype}/{tuple(value.shape)}|".encode())
+            h.update(value.numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1) or 1
 
 
 def local_epoch_update(

@@ -38,6 +38,7 @@ from baffle.client import (
     fedsgd_update,
     local_epoch_update,
     local_optimizer,
+    optimizer_digest,
     replay_local_epoch,
 )
 from baffle.config import TrainConfig
@@ -198,36 +199,54 @@ def local_steps(fed: Federation, client: int) -> int:
 
 
 def run_client(fed: Federation, client: int, round_: int, lr: float, seed: int) -> Upload:
-    """What one client computes in a round from the server's (weights, seed, lr).
+    """What one client computes in a round from the server's (weights, seed, lr), in process.
 
-    ``fed.server.model`` holds the weights the server sent; it is not modified.
+    ``fed.server.model`` holds the weights the server sent; it is not modified. With
+    ``--client-optimizer keep`` BAFFLE's client starts from the server's replayed copy of
+    its local optimizer state, bit-identical to its own by construction
+    (tests/test_reconstruct.py); bp-fedavg's client state is stored with the server's, so
+    checkpoints hold it. A Flower client keeps its own instead (``flower.client_app``).
     """
+    upload, state = client_round(fed, client, round_, lr, seed,
+                                 fed.server.client_optim.get(client))
+    if state is not None and fed.config.method == "bp-fedavg":
+        fed.server.client_optim[client] = state
+    return upload
+
+
+def client_round(fed: Federation, client: int, round_: int, lr: float, seed: int,
+                 optim_state: dict[str, Any] | None = None
+                 ) -> tuple[Upload, dict[str, Any] | None]:
+    """One client's round: its upload and, with ``--client-optimizer keep``, the state its
+    local optimizer ends in (else ``None``). A local epoch starts its optimizer from
+    ``optim_state`` when kept (``None``: fresh); the upload names that start by digest."""
     cfg, model, spec = fed.config, fed.server.model, fed.spec_at(round_)
     make_opt = functools.partial(make_optimizer, cfg.optimizer, lr=lr, betas=cfg.betas,
                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.round_mode == "fedsgd":
         (batch,) = client_batches(fed, client, round_, 1)
         if cfg.method == "bp-fedsgd":
-            return bp_gradient_update(client, model, fed.loss_fn, batch)
+            return bp_gradient_update(client, model, fed.loss_fn, batch), None
         (seed,) = client_seeds(seed, cfg.seed_sharing, client, 1)
         return fedsgd_update(client, model, fed.loss_fn, batch, seed, spec, fed.dirs,
                              cfg.engine, cfg.chunk, cfg.max_memory,  # type: ignore[arg-type]
-                             fed.cache)
+                             fed.cache), None
+    keep = cfg.client_optimizer == "keep"
+    start = optim_state if keep else None
     steps = local_steps(fed, client)
     batches = client_batches(fed, client, round_, steps)
     local = copy.deepcopy(model)
-    # client_optimizer=keep: BAFFLE's client starts from the server's replayed copy of its
-    # state, bit-identical to its own by construction (tests/test_reconstruct.py)
-    optimizer = local_optimizer(make_opt, local, fed.server.client_optim.get(client))
+    optimizer = local_optimizer(make_opt, local, start)
     if cfg.method == "bp-fedavg":
         upload = bp_local_epoch_update(client, local, fed.loss_fn, batches, optimizer)
-        if cfg.client_optimizer == "keep":  # the client's own state; kept with the server's
-            fed.server.client_optim[client] = optimizer.state_dict()  # so checkpoints hold it
-        return upload
-    return local_epoch_update(client, local, fed.loss_fn, batches,
-                              client_seeds(seed, cfg.seed_sharing, client, steps), spec, fed.dirs,
-                              optimizer, cfg.clip_value, cfg.engine,  # type: ignore[arg-type]
-                              cfg.chunk, cfg.max_memory)
+    else:
+        upload = local_epoch_update(
+            client, local, fed.loss_fn, batches,
+            client_seeds(seed, cfg.seed_sharing, client, steps), spec, fed.dirs, optimizer,
+            cfg.clip_value, cfg.engine, cfg.chunk, cfg.max_memory)  # type: ignore[arg-type]
+    if not keep:
+        return upload, None
+    return replace(upload, optim_base=optimizer_digest(start)), optimizer.state_dict()
 
 
 def problem(fed: Federation, u: Upload, round_: int) -> str | None:
@@ -236,7 +255,17 @@ def problem(fed: Federation, u: Upload, round_: int) -> str | None:
     if not cfg.is_baffle:
         return tensors_problem(u, fed.server.shapes)
     steps = None if cfg.round_mode == "fedsgd" else local_steps(fed, u.client)
+    if steps is not None and u.optim_base and u.optim_base != replay_base(fed, u.client):
+        return (f"its local optimizer started from state {u.optim_base:016x}, which the "
+                "server cannot replay (client state out of step, e.g. after a restart): the "
+                "client resumes from the state the server sends next round")
     return upload_problem(u, fed.spec_at(round_).K, steps)
+
+
+def replay_base(fed: Federation, client: int) -> int:
+    """Digest of the local optimizer state the server holds for ``client`` (0: none):
+    what a kept client must start its next local epoch from for the server to replay it."""
+    return optimizer_digest(fed.server.client_optim.get(client))
 
 
 def update_server(fed: Federation, uploads: Sequence[Upload], lr: float, round_: int) -> None:
@@ -259,7 +288,9 @@ def update_server(fed: Federation, uploads: Sequence[Upload], lr: float, round_:
         replayed = []
         for u in uploads:
             local = copy.deepcopy(server.model)
-            optimizer = local_optimizer(make_opt, local, server.client_optim.get(u.client))
+            # a kept client starts from the server's copy, or fresh (base 0: new, or reset)
+            start = server.client_optim.get(u.client) if u.optim_base else None
+            optimizer = local_optimizer(make_opt, local, start)
             replayed.append(replay_local_epoch(local, u, spec, fed.dirs, optimizer,
                                                cfg.clip_value))
             if cfg.client_optimizer == "keep":

@@ -1,14 +1,17 @@
 """Run one Flower simulation (Ray backend) of baffle's apps; used by tests/test_flower_sim.py.
 
-    python tests/flower/sim_run.py RUN_DIR NUM_SUPERNODES JSON_OVERRIDES [faulty|secagg|secagg-dropout]
+    python tests/flower/sim_run.py RUN_DIR NUM_SUPERNODES JSON_OVERRIDES \
+        [faulty|secagg|secagg-dropout|keep-faults]
 
 With ``faulty``: client 1 raises, 2 uploads a short vector, 3 a NaN, 4 runs another
 direction-scheme version; the others behave. ``secagg`` runs the SecAgg+ apps; with
 ``secagg-dropout`` client 1 dies after the key exchange, mid-protocol. Every client's
 plaintext K-vector is appended to RUN_DIR/../plain.jsonl so tests can measure the
-aggregate's error (a test-only leak, of course).
+aggregate's error (a test-only leak, of course). ``keep-faults`` (kept client
+optimizers): see ``keep_faults``.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -38,6 +41,29 @@ def tamper(client: int, u: Upload) -> Upload:
 
 
 
+def keep_faults(overrides):
+    """In round 1 node 1 loses its kept optimizer states (as a restarted node would) and
+    node 2 names, in its upload, a start state nobody holds."""
+    from flwr.clientapp import ClientApp
+
+    from baffle.flower.client_app import STATE_KEY
+
+    def bogus(client: int, u: Upload) -> Upload:
+        return dataclasses.replace(u, optim_base=12345) if client == 2 else u
+
+    good, liar = make_client_app(overrides), make_client_app(overrides, tamper=bogus)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        node, r = int(context.node_config["partition-id"]), int(msg.content["config"]["round"])
+        if r == 1 and node == 1 and STATE_KEY in context.state:
+            del context.state[STATE_KEY]
+        return (liar if r == 1 else good)(msg, context)
+
+    return app
+
+
 def record_plain(run_dir: str, drop: bool):
     def tamper(client: int, u: Upload) -> Upload:
         if drop and client == 1:
@@ -60,6 +86,12 @@ def main() -> None:
         recorder = record_plain(run_dir, mode == "secagg-dropout")
         run_simulation(server_app=make_secagg_server_app(overrides),
                        client_app=make_secagg_client_app(overrides, recorder), num_supernodes=n,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": 2, "include_dashboard": False}})
+        return
+    if mode == "keep-faults":  # kept optimizers: node 1 restarts, node 2 claims a bogus state
+        run_simulation(server_app=make_server_app(overrides),
+                       client_app=keep_faults(overrides), num_supernodes=n,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                        "init_args": {"num_cpus": 2, "include_dashboard": False}})
         return

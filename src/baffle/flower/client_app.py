@@ -5,33 +5,81 @@ the seeded split; Flower's simulation sets it, SuperNodes get it with
 ``--node-config "partition-id=0"``). A server whose direction scheme (version or
 fingerprint) or round estimator (K, sigma, scheme) differs from ours gets an error reply
 instead of garbage.
+
+With ``client-optimizer = "keep"`` the node keeps its local optimizer state in Flower's
+``Context.state`` (for the run's lifetime on that node), the last ``KEPT`` of them. In
+epoch mode the server names, by digest, the state it will replay the client's epoch from;
+the client starts from that one, or fresh if it no longer holds it (a restarted node),
+and says which in its upload, so the server always replays what the client ran.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from baffle.aggregate import Upload
+from baffle.client import optimizer_digest
 from baffle.directions import DirectionScheme
+from baffle.errors import ConfigError
 from baffle.flower.wire import (
     check_round_spec,
     config_from_run_config,
     load_weights,
+    record_states,
+    states_record,
     upload_to_content,
 )
-from baffle.simulator import Federation, run_client, setup
+from baffle.simulator import Federation, client_round, setup
+
+log = logging.getLogger("baffle.flower")
 
 
 @functools.lru_cache(maxsize=2)
 def _federation(run_config_json: str) -> Federation:
     cfg, _ = config_from_run_config(json.loads(run_config_json))
     return setup(cfg)
+
+
+def node_client(node_config: Mapping[str, Any], clients: int) -> int:
+    """This node's client index: its ``partition-id``, which must be in 0..clients-1."""
+    if "partition-id" not in node_config:
+        raise ConfigError("this node has no partition-id: start it with "
+                          "--node-config \"partition-id=N\" (0 <= N < clients)")
+    client = int(node_config["partition-id"])
+    if not 0 <= client < clients:
+        raise ConfigError(f"partition-id {client} is outside this run's {clients} clients: "
+                          f"start the node with --node-config \"partition-id=N\", "
+                          f"0 <= N < {clients}")
+    return client
+
+
+STATE_KEY = "baffle-client-optim"
+KEPT = 2  # the newest state, and the one before it for a server that lost its last round
+
+
+def pick_start(kept: Sequence[dict[str, Any]], wanted: int | None,
+               client: int) -> dict[str, Any] | None:
+    """The optimizer state a kept client starts its round from: the newest it holds when
+    the server names none (bp-fedavg: the state is the client's own), else the one whose
+    digest the server names; fresh (``None``) for 0 or a state this node no longer holds."""
+    if wanted is None:
+        return kept[-1] if kept else None
+    if wanted == 0:
+        return None
+    for state in reversed(kept):
+        if optimizer_digest(state) == wanted:
+            return state
+    log.warning("client %d: the server replays from optimizer state %016x, which this node "
+                "does not hold (restarted?): starting this epoch from a fresh optimizer",
+                client, wanted)
+    return None
 
 
 def make_client_app(
@@ -50,12 +98,18 @@ def make_client_app(
     def train(msg: Message, context: Context) -> Message:
         run_config = {**dict(context.run_config), **(overrides or {})}
         fed = _federation(json.dumps(run_config, sort_keys=True))
-        client = int(context.node_config["partition-id"])
+        client = node_client(context.node_config, fed.config.clients)
         rc = msg.content["config"]
         (dirs or fed.dirs).check(str(rc["scheme-version"]), str(rc["fingerprint"]))
         check_round_spec(fed.spec_at(int(rc["round"])), rc)
         load_weights(fed.server.model, msg.content["arrays"])
-        upload = run_client(fed, client, int(rc["round"]), float(rc["lr"]), int(rc["seed"]))
+        kept = record_states(context.state.get(STATE_KEY))  # type: ignore[arg-type]
+        wanted = rc.get("optim-digests")
+        start = pick_start(kept, None if wanted is None else int(wanted[client]), client)
+        upload, state = client_round(fed, client, int(rc["round"]), float(rc["lr"]),
+                                     int(rc["seed"]), start)
+        if state is not None:
+            context.state[STATE_KEY] = states_record([*kept, state][-KEPT:])
         if tamper is not None:
             upload = tamper(client, upload)
         return Message(upload_to_content(upload), reply_to=msg)

@@ -2,8 +2,9 @@
 
 It owns the ``Federation`` (global model, stock torch optimizer, EMA, schedule) and,
 each round, sends the weights with a ConfigRecord (seed, lr, K, sigma, scheme, scheme
-version and fingerprint), turns the replies into ``Upload`` objects and hands them to
-``simulator.finish_round``: the very function the in-process simulator uses.
+version and fingerprint; with kept client optimizers in epoch mode, the digest of the
+state it will replay each client from), turns the replies into ``Upload`` objects and
+hands them to ``simulator.finish_round``: the very function the in-process simulator uses.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from flwr.serverapp.strategy import Strategy
 from baffle.aggregate import Upload
 from baffle.directions import derive_seed
 from baffle.flower.wire import content_to_upload, round_config, weights_record
-from baffle.simulator import Federation, RunLog, begin_round, finish_round, round_seed
+from baffle.simulator import (
+    Federation,
+    RunLog,
+    begin_round,
+    finish_round,
+    replay_base,
+    round_seed,
+)
 
 log = logging.getLogger("baffle.flower")
 
@@ -71,9 +79,13 @@ class BaffleStrategy(Strategy):
         lr = begin_round(fed, r)
         nodes = self._sample(grid, r)
         self._pending = {"round": r, "lr": lr, "nodes": nodes, "started": started}
+        cfg = fed.config
+        digests = ([replay_base(fed, c) for c in range(cfg.clients)]
+                   if cfg.is_baffle and cfg.round_mode == "epoch"
+                   and cfg.client_optimizer == "keep" else None)
         content = RecordDict({"arrays": weights_record(fed.server.model),
-                              "config": round_config(r, round_seed(fed.config, r), lr,
-                                                     fed.spec_at(r), fed.dirs)})
+                              "config": round_config(r, round_seed(cfg, r), lr,
+                                                     fed.spec_at(r), fed.dirs, digests)})
         messages = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN)
                     for n in nodes]
         self._pending["sent"] = messages  # Flower stamps their message ids when it pushes them

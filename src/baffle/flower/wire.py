@@ -2,14 +2,17 @@
 
 Server -> client (one ``train`` message): ArrayRecord ``arrays`` (the weights) and
 ConfigRecord ``config`` holding the round, the seed, the lr, the round's K (after the K
-schedule), sigma, the scheme and the direction scheme's version and fingerprint.
+schedule), sigma, the scheme and the direction scheme's version and fingerprint, and,
+with a kept client optimizer in epoch mode, each client's ``optim-digests`` entry.
 Client -> server: ArrayRecord ``upload`` (the K loss differences per local step, or the
 baselines' tensors) and MetricRecord ``metrics`` (client id, example count, seeds, loss,
-forward passes).
+forward passes, the digest of the optimizer state its epoch started from).
 """
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,20 +33,23 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[TrainConfig, dic
     """Split a Flower run config into our TrainConfig and the Flower-only settings."""
     flower = {k: run_config.get(k, v) for k, v in FLOWER_KEYS.items()}
     values = {k.replace("-", "_"): v for k, v in run_config.items() if k not in FLOWER_KEYS}
-    config = from_dict(values)
-    if config.client_optimizer != "fresh":
-        raise ConfigError("client-optimizer = \"keep\" runs only in the in-process simulator "
-                          "(baffle train): Flower clients keep no optimizer state between rounds")
-    return config, flower
+    return from_dict(values), flower
 
 
 def round_config(round_: int, seed: int, lr: float, spec: EstimatorSpec,
-                 dirs: DirectionScheme) -> ConfigRecord:
-    """What the server sends with the weights; ``spec`` is the round's (scheduled) estimator."""
-    return ConfigRecord({
+                 dirs: DirectionScheme, optim_digests: Sequence[int] | None = None
+                 ) -> ConfigRecord:
+    """What the server sends with the weights; ``spec`` is the round's (scheduled) estimator.
+
+    ``optim_digests[c]`` (BAFFLE epoch mode with a kept client optimizer) is the digest of
+    the local optimizer state the server will replay client ``c``'s epoch from (0: fresh)."""
+    record = {
         "round": round_, "seed": seed, "lr": lr, "K": spec.K, "sigma": spec.sigma,
         "scheme": spec.scheme, "scheme-version": dirs.version, "fingerprint": dirs.fingerprint(),
-    })
+    }
+    if optim_digests is not None:
+        record["optim-digests"] = [int(d) for d in optim_digests]
+    return ConfigRecord(record)
 
 
 def check_round_spec(mine: EstimatorSpec, sent: ConfigRecord | dict[str, Any]) -> None:
@@ -72,7 +78,7 @@ def upload_to_content(u: Upload) -> RecordDict:
         arrays[f"t{i:04d}"] = Array(t.detach().cpu().numpy())
     metrics = MetricRecord({"client": u.client, "num-examples": u.num_examples,
                             "seeds": list(u.seeds), "loss": float(u.loss),
-                            "forward-passes": u.forward_passes})
+                            "forward-passes": u.forward_passes, "optim-base": u.optim_base})
     return RecordDict({"upload": ArrayRecord(arrays), "metrics": metrics})
 
 
@@ -88,4 +94,24 @@ def content_to_upload(content: RecordDict) -> Upload:
     return Upload(int(m["client"]), int(m["num-examples"]),
                   tuple(int(s) for s in (seeds if isinstance(seeds, list) else [seeds])), diffs,
                   tensors, loss=float(m.get("loss", float("nan"))),
-                  forward_passes=int(m.get("forward-passes", 0)))
+                  forward_passes=int(m.get("forward-passes", 0)),
+                  optim_base=int(m.get("optim-base", 0)))
+
+
+def states_record(states: Sequence[dict[str, Any]]) -> ConfigRecord:
+    """A client's kept local optimizer states (oldest first), for ``Context.state``."""
+    blobs = []
+    for state in states:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        blobs.append(buf.getvalue())
+    return ConfigRecord({"states": blobs} if blobs else {})
+
+
+def record_states(record: ConfigRecord | None) -> list[dict[str, Any]]:
+    """Inverse of ``states_record`` (empty for a node that kept nothing yet)."""
+    if record is None or "states" not in record:
+        return []
+    blobs = record["states"]
+    return [torch.load(io.BytesIO(b), weights_only=True)
+            for b in (blobs if isinstance(blobs, list) else [blobs])]
