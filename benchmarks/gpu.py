@@ -93,7 +93,12 @@ def speed(name: str, peak: float) -> tuple[str, dict[str, float]]:
     model, x, y = model.to(DEV), x.to(DEV), y.to(DEV)
     spec, dirs = EstimatorSpec(K, SIGMA), DirectionScheme(device=DEV)
     layered = DirectionScheme(device=DEV, blocks=layer_blocks(list(trainable_params(model))))
+    counter = DirectionScheme(device=DEV, sampler="counter")
     flops = forward_flops(model, x)
+
+    def draw(d: DirectionScheme) -> Callable[[], object]:
+        return lambda: [directions(d, 7, range(K), i, p.shape)
+                        for i, p in enumerate(trainable_params(model).values())]
 
     def est(engine: str, chunk: int = 32, d: DirectionScheme = dirs) -> Callable[[], object]:
         return lambda: loss_differences(model, F.cross_entropy, x, y, 7, spec, d, engine, chunk)
@@ -107,9 +112,9 @@ def speed(name: str, peak: float) -> tuple[str, dict[str, float]]:
         "BAFFLE batched, chunk 32 (the default)": est("batched", 32),
         f"BAFFLE auto, chunk 100 ({auto.engine})": est("auto", 100),
         "BAFFLE auto, chunk 100, layer directions": est("auto", 100, layered),
-        "directions only (K draws)": lambda: [directions(dirs, 7, range(K), i, p.shape)
-                                              for i, p in enumerate(trainable_params(model)
-                                                                    .values())],
+        "BAFFLE auto, chunk 100, counter sampler": est("auto", 100, counter),
+        "directions only (K draws)": draw(dirs),
+        "directions only, counter sampler": draw(counter),
     }
     times = interleaved(fns, REPS)
     naive, plain = times["naive load_state_dict loop"] / (K + 1), times["plain forward x K"] / K
@@ -124,7 +129,9 @@ def speed(name: str, peak: float) -> tuple[str, dict[str, float]]:
         rows.append([k, f"{t * 1e3:.1f}", f"{1 / per:,.0f}", f"{naive / per:.1f}x",
                      f"{plain / per:.2f}x", f"{run / t / 1e9:.0f}", f"{run / t / 1e9 / peak:.1%}"])
     best = min(t for k, t in times.items() if k.startswith("BAFFLE auto, chunk 100 ("))
-    facts = {"dirs_share": times["directions only (K draws)"] / best}
+    facts = {"dirs_share": times["directions only (K draws)"] / best,
+             "counter_share": times["directions only, counter sampler"]
+             / times["BAFFLE auto, chunk 100, counter sampler"]}
     return table(["method", "ms per step", "passes/s", "vs naive", "vs plain forward",
                   "GFLOP/s", "of fp32 peak"], rows), facts
 
@@ -174,7 +181,9 @@ def main() -> None:
             f"**{name}**, batch 32, K={K}, sigma={SIGMA}: throughput (best of {REPS} "
             f"interleaved, each synchronised)\n\n{tab}\n\nDrawing the K directions on the GPU "
             f"takes {facts['dirs_share']:.0%} of the auto step (one generator per direction and "
-            "tensor: launch-bound). Loss differences against float64, relative error, with "
+            f"tensor: launch-bound); with `--sampler counter` (one batch of elementwise ops "
+            f"per tensor) {facts['counter_share']:.0%} of that sampler's step. Loss "
+            "differences against float64, relative error, with "
             f"cuDNN's TF32 convolutions on: {guarded:.1e} through the estimator (which runs "
             f"under `exact_fp32`), {bare:.1e} without that guard.\n\nPeak GPU memory of one "
             f"step (allocator high-water mark above the model and batch):\n\n{gpu_memory(name)}")

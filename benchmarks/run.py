@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("seed_sharing", "passes", "layer_shares", "throughput", "memory", "compute_vs_bp",
+BENCHMARKS = ("seed_sharing", "passes", "layer_shares", "throughput", "samplers", "memory", "compute_vs_bp",
               "communication", "scaling", "flower", "gpu", "accuracy")  # accuracy trains for hours on a CPU: run it last
 
 

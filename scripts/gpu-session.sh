@@ -20,7 +20,7 @@ check)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
     $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
-    $PY -m benchmarks.run gpu 2>&1 | tail -n 60
+    $PY -m benchmarks.run gpu samplers 2>&1 | tail -n 80
     ;;
 start)
     mkdir -p runs/accuracy

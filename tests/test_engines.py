@@ -29,10 +29,20 @@ def _model(name):
 @pytest.mark.parametrize("scheme", ["forward", "central"])
 @pytest.mark.parametrize("perturb", ["all", "layer"])
 def test_every_engine_equals_sequential(name, scheme, perturb):
+    _every_engine_equals_sequential(name, scheme, perturb, "torch")
+
+
+@pytest.mark.parametrize("name", ["lenet", "wrn-10-2"])
+@pytest.mark.parametrize("perturb", ["all", "layer"])
+def test_every_engine_equals_sequential_with_the_counter_sampler(name, perturb):
+    _every_engine_equals_sequential(name, "forward", perturb, "counter")
+
+
+def _every_engine_equals_sequential(name, scheme, perturb, sampler):
     model, x, y = _model(name)
     assert grouped_plan(model) is not None  # the fast path really runs on the registry models
-    dirs = DIRS if perturb == "all" else DirectionScheme(
-        blocks=layer_blocks([n for n, _ in model.named_parameters()]))
+    blocks = layer_blocks([n for n, _ in model.named_parameters()]) if perturb == "layer" else ()
+    dirs = DirectionScheme(blocks=blocks, sampler=sampler)
     before = [p.clone() for p in model.parameters()]
     spec = EstimatorSpec(9, 1e-3, scheme)
     ref = loss_differences(model, F.cross_entropy, x, y, 4, spec, dirs, "sequential")
@@ -127,19 +137,21 @@ def test_parse_memory_refuses_nonsense(text):
 
 
 @pytest.mark.parametrize("engine", ["batched", "inplace", "sequential"])
-def test_a_shared_direction_cache_changes_nothing(engine):
+@pytest.mark.parametrize("sampler", ["torch", "counter"])
+def test_a_shared_direction_cache_changes_nothing(engine, sampler):
     from baffle.directions import DirectionCache, directions
 
+    dirs = DirectionScheme(sampler=sampler)
     model, x, y = _model("lenet")
     spec = EstimatorSpec(5, 1e-3)
-    cache = DirectionCache(DIRS)
-    ref = loss_differences(model, F.cross_entropy, x, y, 9, spec, DIRS, engine)
+    cache = DirectionCache(dirs)
+    ref = loss_differences(model, F.cross_entropy, x, y, 9, spec, dirs, engine)
     for _ in range(2):  # first call fills the cache, second reads it
-        est = loss_differences(model, F.cross_entropy, x, y, 9, spec, DIRS, engine, cache=cache)
+        est = loss_differences(model, F.cross_entropy, x, y, 9, spec, dirs, engine, cache=cache)
         assert torch.equal(est.diffs, ref.diffs)
     assert cache.hits > 0
     shape = next(model.parameters()).shape
-    assert torch.equal(cache.directions(9, range(5), 0, shape), directions(DIRS, 9, range(5), 0, shape))
+    assert torch.equal(cache.directions(9, range(5), 0, shape), directions(dirs, 9, range(5), 0, shape))
 
 
 def test_exact_fp32_turns_tf32_off_inside_and_restores_the_callers_settings():

@@ -37,40 +37,45 @@ class Quadratic(nn.Module):
         return (self.A @ self.w + self.b).detach()
 
 
-def _estimate(model, K, seed, scheme="forward", sigma=1e-2):
+def _estimate(model, K, seed, scheme="forward", sigma=1e-2, dirs=DIRS):
     spec = EstimatorSpec(K, sigma, scheme)
     est = loss_differences(model, lambda out, _: out, torch.zeros(1), torch.zeros(1), seed, spec,
-                           DIRS)
-    (g,) = rebuild_gradient([model.w.shape], seed, est.diffs, spec, DIRS)
+                           dirs)
+    (g,) = rebuild_gradient([model.w.shape], seed, est.diffs, spec, dirs)
     return g
 
 
-def _rel_error(model, K, seeds, scheme="forward"):
+def _rel_error(model, K, seeds, scheme="forward", dirs=DIRS):
     g = model.grad()
-    errs = [float((_estimate(model, K, s, scheme) - g).norm() / g.norm()) for s in seeds]
+    errs = [float((_estimate(model, K, s, scheme, dirs=dirs) - g).norm() / g.norm())
+            for s in seeds]
     return math.sqrt(sum(e * e for e in errs) / len(errs))
 
 
 @pytest.mark.parametrize("curvature", [0.0, 1.0], ids=["linear", "quadratic"])
-@pytest.mark.parametrize("scheme", ["forward", "central"])
-def test_error_falls_as_one_over_sqrt_k(curvature, scheme):
+@pytest.mark.parametrize("scheme,sampler", [("forward", "torch"), ("central", "torch"),
+                                            ("forward", "counter")])
+def test_error_falls_as_one_over_sqrt_k(curvature, scheme, sampler):
     """For Gaussian directions E|g_hat - g|^2 = (n + 1)|g|^2 / K (forward and central on
     quadratics, where the O(sigma) bias vanishes), so the RMS relative error is
     sqrt((n+1)/K): 0.64 at K=100, 0.16 at K=1600 for n=40. Tolerances: the RMS over 12
     seeds is within 30% of theory, and quadrupling K halves it to within [1.6, 2.5]."""
     model = Quadratic(curvature)
     seeds = range(12)
-    errs = {K: _rel_error(model, K, seeds, scheme) for K in (100, 400, 1600)}
+    dirs = DirectionScheme(sampler=sampler)
+    errs = {K: _rel_error(model, K, seeds, scheme, dirs) for K in (100, 400, 1600)}
     for K, e in errs.items():
         assert e == pytest.approx(math.sqrt((N + 1) / K), rel=0.3), errs
     assert 1.6 < errs[100] / errs[400] < 2.5, errs
     assert 1.6 < errs[400] / errs[1600] < 2.5, errs
 
 
-def test_mean_of_estimates_approaches_gradient():
+@pytest.mark.parametrize("sampler", ["torch", "counter"])
+def test_mean_of_estimates_approaches_gradient(sampler):
     """Unbiased: the mean of 40 independent K=100 estimates has error sqrt(41/4000) = 0.10."""
     model = Quadratic(1.0)
-    mean = torch.stack([_estimate(model, 100, s) for s in range(40)]).mean(0)
+    dirs = DirectionScheme(sampler=sampler)
+    mean = torch.stack([_estimate(model, 100, s, dirs=dirs) for s in range(40)]).mean(0)
     rel = float((mean - model.grad()).norm() / model.grad().norm())
     assert rel < 0.2
 

@@ -18,14 +18,16 @@ E2E = TrainConfig(dataset="digits", clients=5, K=30, sigma=1e-4, lr=0.03, epochs
                   eval_every=0)
 
 
-@pytest.mark.parametrize("method,mode,threshold", [
-    ("baffle", "fedsgd", 45.0),
-    ("bp-fedsgd", "fedsgd", 80.0),
-    ("baffle", "epoch", 30.0),
-    ("bp-fedavg", "epoch", 85.0),
+@pytest.mark.parametrize("method,mode,threshold,sampler", [
+    ("baffle", "fedsgd", 45.0, "torch"),
+    ("baffle", "fedsgd", 45.0, "counter"),  # the other direction sampler learns as well
+    ("bp-fedsgd", "fedsgd", 80.0, "torch"),
+    ("baffle", "epoch", 30.0, "torch"),
+    ("bp-fedavg", "epoch", 85.0, "torch"),
 ])
-def test_end_to_end_learns_on_digits(method, mode, threshold):
-    cfg = E2E.replace(method=method, mode=mode if method == "baffle" else "fedsgd")
+def test_end_to_end_learns_on_digits(method, mode, threshold, sampler):
+    cfg = E2E.replace(method=method, mode=mode if method == "baffle" else "fedsgd",
+                      sampler=sampler)
     res = train(cfg)
     acc = res.summary["test_top1"]
     assert acc > threshold

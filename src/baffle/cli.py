@@ -47,6 +47,8 @@ HELP = {
                     "(secure-aggregation compatible) or one per client (C*K directions)",
     "perturb": "all: every direction moves every weight (the paper) | layer: direction k moves "
                "only layer k mod L, and each layer averages its own directions",
+    "sampler": "how directions are drawn: torch (a generator per direction and tensor) | "
+               "counter (a hash of the entry's index: one batch per tensor, for GPUs)",
     "engine": "batched (K perturbed models as one grouped pass) | sequential (one functional "
               "copy at a time) | inplace (perturb the weights in place, exact restore: inference "
               "memory) | vmap | auto (batched if it fits --max-memory, else inplace)",

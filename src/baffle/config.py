@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from baffle.directions import SAMPLERS
 from baffle.engines import resolve_budget
 from baffle.errors import ConfigError
 from baffle.estimator import ENGINES, validate_spec
@@ -57,6 +58,7 @@ class TrainConfig:
     scheme: str = "forward"  # forward (K+1 passes) | central (2K passes)
     seed_sharing: str = "round"  # round: one seed for all clients | client: one per client
     perturb: str = "all"  # all: each direction moves every weight | layer: only layer k mod L
+    sampler: str = "torch"  # how directions are drawn: torch generators | counter (GPU)
     engine: str = "auto"  # auto | batched | inplace | sequential | vmap
     chunk: int = 32  # perturbed models per batched pass
     max_memory: str = "auto"  # estimator scratch budget, e.g. 512MiB, 2GiB (auto = 1/4 of free)
@@ -125,6 +127,7 @@ def validate(c: TrainConfig) -> None:
     choose("seed sharing", c.seed_sharing, SEED_SHARING)
     choose("split", c.split, SPLITS)
     choose("perturb", c.perturb, PERTURB)
+    choose("sampler", c.sampler, SAMPLERS)
     choose("client optimizer", c.client_optimizer, CLIENT_OPTIMIZER)
     if c.client_optimizer == "keep" and c.round_mode != "epoch":
         raise ConfigError("--client-optimizer keep applies to local epochs (--mode epoch or "

@@ -139,7 +139,8 @@ def direction_scheme(config: TrainConfig, model: nn.Module) -> DirectionScheme:
     ``--perturb layer``. A K (or K-schedule value) below the layer count is refused."""
     names = list(trainable_params(model))
     blocks = layer_blocks(names) if config.perturb == "layer" else ()
-    dirs = DirectionScheme(device=_dir_device(config.device), blocks=blocks)
+    dirs = DirectionScheme(device=_dir_device(config.device), blocks=blocks,
+                           sampler=config.sampler)
     if config.is_baffle:
         for K in (config.K, *config.K_values):
             dirs.weights(K)
