@@ -60,8 +60,9 @@ def test_every_engine_matches_float64_on_the_gpu(name, perturb, tf32_on):
 
 def test_auto_runs_the_grouped_engine_on_the_gpu():
     model, x, _ = _model("lenet", batch=32)
-    choice = choose_engine(model, x, 100, "auto", chunk=100)
+    choice = choose_engine(model, x, 100, "auto")  # --chunk's default (32) binds batched only
     assert choice.engine == "grouped" and choice.chunk == 100, choice
+    assert choose_engine(model, x, 100, "auto", max_memory="64MiB").chunk < 100
 
 
 def test_gpu_directions_have_their_own_fingerprint():

@@ -168,3 +168,13 @@ def test_exact_fp32_turns_tf32_off_inside_and_restores_the_callers_settings():
     finally:
         torch.set_float32_matmul_precision(before[2])
 
+
+
+def test_auto_caps_its_chunk_at_two_on_a_cpu_and_at_k_on_a_gpu():
+    from baffle.estimator import auto_chunk_cap
+
+    assert auto_chunk_cap(torch.device("cpu"), 32, 100) == 2
+    assert auto_chunk_cap(torch.device("cpu"), 1, 100) == 1
+    assert auto_chunk_cap(torch.device("cuda"), 32, 100) == 100  # a device object, no GPU needed
+    model, x, _ = _model("lenet")
+    assert choose_engine(model, x, 100, "auto").chunk == 2  # this machine's CPU

@@ -52,7 +52,8 @@ HELP = {
     "engine": "batched (K perturbed models as one grouped pass) | sequential (one functional "
               "copy at a time) | inplace (perturb the weights in place, exact restore: inference "
               "memory) | vmap | auto (batched if it fits --max-memory, else inplace)",
-    "chunk": "perturbed models per batched forward pass",
+    "chunk": "perturbed models per batched forward pass (batched, vmap; auto takes at most 2 "
+             "on a CPU and as many as fit --max-memory on a GPU)",
     "max_memory": "memory budget for the estimator's scratch, e.g. 512MiB or 2GiB "
                   "(auto = a quarter of the free memory); chunks K to fit",
     "epochs": "training length in epochs (a FedSGD epoch = the smallest client's batches)",

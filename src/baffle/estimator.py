@@ -158,7 +158,7 @@ def choose_engine(
     if engine in ("batched", "auto") and plan is not None:
         peak, total = _activation_bytes(model, plan, x)
         per = eng.per_perturbation_bytes(peak, pbytes)
-        cap = chunk if engine == "batched" else min(chunk, _cap(x.device))
+        cap = chunk if engine == "batched" else auto_chunk_cap(x.device, chunk, K)
         if engine == "batched" or per <= budget:
             n = eng.chunk_for(per, budget, K, cap)
             reuse = bool(blocks) and per * n + total <= budget
@@ -183,8 +183,11 @@ def choose_engine(
     return EngineChoice(engine, 1, "requested")
 
 
-def _cap(device: torch.device) -> int:
-    return eng.CPU_CHUNK_CAP if device.type == "cpu" else 1 << 30
+def auto_chunk_cap(device: torch.device, chunk: int, K: int) -> int:
+    """Most perturbations per grouped pass ``auto`` takes before the memory budget: on a
+    CPU ``min(chunk, CPU_CHUNK_CAP)``; on a GPU all K (``--chunk`` binds ``batched`` only),
+    measured faster than 32 at once on an H200 (BENCHMARKS.md, GPU section)."""
+    return min(chunk, eng.CPU_CHUNK_CAP) if device.type == "cpu" else K
 
 
 @torch.no_grad()
