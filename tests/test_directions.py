@@ -135,7 +135,8 @@ def test_counter_sampler_draws_any_subset_alike_and_depends_on_all_indices():
         assert torch.equal(big[k], direction(COUNTER, 3, k, 4, (5000,)))
     base = direction(COUNTER, 7, 0, 0, (100,))
     for other in (direction(COUNTER, 8, 0, 0, (100,)), direction(COUNTER, 7, 1, 0, (100,)),
-                  direction(COUNTER, 7, 0, 1, (100,)), direction(DirectionScheme(), 7, 0, 0, (100,))):
+                  direction(COUNTER, 7, 0, 1, (100,)),
+                  direction(DirectionScheme(), 7, 0, 0, (100,))):
         assert not torch.equal(base, other)
     state = torch.get_rng_state()
     direction(COUNTER, 7, 0, 0, (100,))

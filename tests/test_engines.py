@@ -151,7 +151,8 @@ def test_a_shared_direction_cache_changes_nothing(engine, sampler):
         assert torch.equal(est.diffs, ref.diffs)
     assert cache.hits > 0
     shape = next(model.parameters()).shape
-    assert torch.equal(cache.directions(9, range(5), 0, shape), directions(dirs, 9, range(5), 0, shape))
+    assert torch.equal(cache.directions(9, range(5), 0, shape),
+                       directions(dirs, 9, range(5), 0, shape))
 
 
 def test_exact_fp32_turns_tf32_off_inside_and_restores_the_callers_settings():

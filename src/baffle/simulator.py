@@ -258,8 +258,8 @@ def problem(fed: Federation, u: Upload, round_: int) -> str | None:
     steps = None if cfg.round_mode == "fedsgd" else local_steps(fed, u.client)
     if steps is not None and u.optim_base and u.optim_base != replay_base(fed, u.client):
         return (f"its local optimizer started from state {u.optim_base:016x}, which the "
-                "server cannot replay (client state out of step, e.g. after a restart): the "
-                "client resumes from the state the server sends next round")
+                "server cannot replay (client state out of step): next round the server "
+                "names the state it holds, and the client starts from that or fresh")
     return upload_problem(u, fed.spec_at(round_).K, steps)
 
 
