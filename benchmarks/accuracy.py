@@ -4,13 +4,13 @@ sharings and the backprop baselines; test top-1 against epochs and forward passe
 
     python -m benchmarks.run accuracy          # trains every run (hours on a CPU)
 
-Each run lives in ``runs/accuracy/<name>`` and resumes where it stopped, so the command
-can be interrupted and re-run. ``BAFFLE_ACC_EPOCHS`` (default 20) sets the length,
+Each run lives in ``runs/accuracy/<name>`` (``runs/accuracy-gpu/<name>`` on a GPU) and
+resumes where it stopped, so the command can be interrupted and re-run. ``BAFFLE_ACC_EPOCHS`` (default 20) sets the length,
 ``BAFFLE_ACC_RUNS`` (comma-separated names) a subset, ``BAFFLE_MNIST_DIR`` the data
 (default ``../shared/data/mnist``); ``BAFFLE_ACC_REPORT_ONLY=1`` tabulates without training.
 ``BAFFLE_ACC_DEVICE=cuda`` trains on a GPU and ``BAFFLE_ACC_JOBS=N`` runs N trainings at once,
 each in its own process (a GPU has room for many LeNet runs; each logs to
-``runs/accuracy/<name>.log``). Where a run trained (``machine()``, plus the GPU) is kept
+``<name>.log`` beside its directory). Where a run trained (``machine()``, plus the GPU) is kept
 beside it and in its saved record.
 
 After each run the benchmark saves its test curve to ``benchmarks/results/accuracy/<name>.json``
@@ -82,7 +82,9 @@ WHY = {  # what each run asks, printed beside its command
     "bp-fedsgd": "backprop, one step per round",
     "bp-fedavg": "backprop, one local epoch per round",
 }
-OUT = ROOT / "runs" / "accuracy"
+# GPU runs apart from CPU ones: a borrowed GPU's run directories (checkpoints included)
+# come back whole and go out again to the next GPU, so a run outlives a short loan
+OUT = ROOT / "runs" / ("accuracy" if DEVICE == "cpu" else "accuracy-gpu")
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy"
 PAPER = 95.17  # "95.17% accuracy on MNIST with 20 communication rounds"
 

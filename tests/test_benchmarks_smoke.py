@@ -193,3 +193,17 @@ def test_accuracy_refuses_an_unknown_run_in_one_line(accuracy, monkeypatch):
     monkeypatch.setenv("BAFFLE_ACC_RUNS", "bp-fedsgd,no-such-run")
     with pytest.raises(SystemExit, match=r"^error: unknown run\(s\) no-such-run; choose from "):
         accuracy.main()
+
+
+@pytest.mark.parametrize("device,folder", [("cpu", "accuracy"), ("cuda", "accuracy-gpu")])
+def test_gpu_accuracy_runs_live_apart_from_the_cpu_ones(device, folder):
+    """A borrowed GPU's run directories travel whole (tarball out, carried back in), so
+    they must not share a folder with this machine's CPU runs."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "from benchmarks import accuracy; "
+                          "print(accuracy.OUT)"], capture_output=True, text=True, check=True,
+                         env={**os.environ, "BAFFLE_ACC_DEVICE": device})
+    assert out.stdout.strip().endswith(f"runs/{folder}")
