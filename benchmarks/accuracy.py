@@ -61,6 +61,12 @@ RUNS: dict[str, dict[str, Any]] = {
     "baffle-fedsgd-client-layer-decay": dict(mode="fedsgd", seed_sharing="client",
                                              perturb="layer", lr_milestones=(10, 15),
                                              lr_gamma=0.2),
+    # and twice the directions for the last quarter, where the estimate's noise, not the
+    # step size, holds the decayed run back
+    "baffle-fedsgd-client-layer-decay-k200": dict(mode="fedsgd", seed_sharing="client",
+                                                  perturb="layer", lr_milestones=(10, 15),
+                                                  lr_gamma=0.2, K_milestones=(15,),
+                                                  K_values=(200,)),
     "bp-fedsgd": dict(method="bp-fedsgd"),
     "bp-fedavg": dict(method="bp-fedavg"),
 }
@@ -79,6 +85,8 @@ WHY = {  # what each run asks, printed beside its command
     "baffle-fedsgd-round-layer": "layer directions with one seed per round (secure-aggregation "
                                  "compatible)",
     "baffle-fedsgd-client-layer-decay": "layer directions and the lr decay together",
+    "baffle-fedsgd-client-layer-decay-k200": "layer directions, the lr decay, and K=200 from "
+                                             "epoch 15 (a K schedule)",
     "bp-fedsgd": "backprop, one step per round",
     "bp-fedavg": "backprop, one local epoch per round",
 }

@@ -12,6 +12,7 @@ import benchmarks.common as common
 from baffle import train
 from baffle.models import build_model
 from benchmarks import communication
+from benchmarks.accuracy import RUNS as ACCURACY_RUNS
 from benchmarks.flops import forward_macs, layer_direction_flops
 
 
@@ -118,6 +119,24 @@ def test_accuracy_rows_print_a_command_the_cli_accepts():
     assert "--lr-milestones 10,15" in cmd
     args = parser().parse_args(cmd.split()[1:])
     assert (args.lr_milestones, args.seed_sharing, args.K) == ("10,15", "client", "100")
+
+
+@pytest.mark.parametrize("name", ACCURACY_RUNS)
+def test_every_accuracy_command_builds_the_config_the_benchmark_trains(name):
+    """A row's printed command, typed into ``baffle train``, trains what the row reports."""
+    from dataclasses import fields
+
+    from baffle import TrainConfig
+    from baffle.cli import parser
+    from baffle.config import from_dict
+    from benchmarks import accuracy
+
+    cmd = accuracy.command({**accuracy.AUTHORS, **accuracy.RUNS[name], "epochs": 20})
+    args = parser().parse_args(cmd.split()[1:])
+    typed = from_dict({f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                       if getattr(args, f.name) is not None})
+    assert typed == accuracy.config(name, 20)
+    assert name in accuracy.WHY
 
 
 def _row(name, on, text):
