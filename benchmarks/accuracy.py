@@ -70,6 +70,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "bp-fedsgd": dict(method="bp-fedsgd"),
     "bp-fedavg": dict(method="bp-fedavg"),
 }
+# a run whose first epochs are another's: started from that run's checkpoint when it has one
+# (``baffle train --branch``, exact) instead of training the shared epochs again
+BRANCH_OF = {"baffle-fedsgd-client-layer-decay-k200": "baffle-fedsgd-client-layer-decay"}
 WHY = {  # what each run asks, printed beside its command
     "baffle-fedsgd-round": "the paper protocol: one seed per round, K directions in all",
     "baffle-fedsgd-client": "the authors' code: every client its own K directions (C*K a step)",
@@ -174,6 +177,12 @@ def save(name: str, run: Path, epochs: int) -> None:
               "config": cfg.to_dict(), "best": max(p[2] for p in pts),
               "curve": [list(p) for p in pts], "machine": where(name),
               "s_per_round": seconds_per_round(run)}
+    if (run / "branch.json").exists():
+        b = json.loads((run / "branch.json").read_text())
+        record["source"] = (f"its first {b['rounds_done']} rounds are "
+                            f"{Path(b['source']).name}'s, branched from its checkpoint with "
+                            "`baffle train --branch`: exact, the same weights as training "
+                            "this config from round 0")
     f = record_file(name, on)
     f.parent.mkdir(parents=True, exist_ok=True)
     text = (json.dumps(record, indent=1) + "\n").encode()
@@ -261,6 +270,13 @@ def train_one(name: str, epochs: int) -> None:
         shared = os.environ.get("BAFFLE_ACC_SHARED", "1")
         (OUT / f"{name}.machine").write_text(
             f"{describe_machine(DEVICE)}; {shared} run(s) at a time\n")
+    parent = OUT / BRANCH_OF.get(name, name)
+    if not resume and parent != run and (parent / "checkpoint.pt").exists():
+        try:
+            train(config(name, epochs), run_dir=run, branch_from=parent)
+            return
+        except ConfigError as e:  # the parent is past the epoch where the two differ
+            print(f"accuracy: {name} trains from round 0: {e}")
     train(config(name, epochs), run_dir=run, resume=resume)
 
 

@@ -208,6 +208,35 @@ def test_accuracy_keeps_the_longer_curve_and_a_gpu_record_beside_the_cpu_one(
     assert _row("a", "CPU", text) and _row("a", "GPU", text)
 
 
+def test_accuracy_branches_a_run_from_the_one_it_shares_epochs_with(accuracy, tmp_path,
+                                                                     monkeypatch, capsys):
+    # b is a with K=6 from epoch 1: it starts from a's checkpoint while a has not passed it
+    later = dict(lr=0.03, K_milestones=(1,), K_values=(6,))
+    monkeypatch.setattr(accuracy, "RUNS", {"a": dict(lr=0.03), "b": later,
+                                           "a2": dict(lr=0.03), "c": later})
+    monkeypatch.setattr(accuracy, "BRANCH_OF", {"b": "a", "c": "a2"})
+    monkeypatch.setenv("BAFFLE_ACC_EPOCHS", "1")
+    monkeypatch.setenv("BAFFLE_ACC_RUNS", "a")
+    accuracy.main()
+    monkeypatch.setenv("BAFFLE_ACC_EPOCHS", "2")
+    monkeypatch.setenv("BAFFLE_ACC_RUNS", "b")
+    accuracy.main()
+    runs = tmp_path / "runs"
+    assert json.loads((runs / "b" / "branch.json").read_text())["source"].endswith("a")
+    assert "a's, branched from its checkpoint" in accuracy.load("b", 2)["source"]
+    assert accuracy.load("b", 2)["curve"][0] == accuracy.load("a", 1)["curve"][0]
+    scratch = train(accuracy.config("b", 2), run_dir=tmp_path / "scratch")
+    assert accuracy.load("b", 2)["curve"][-1][2] == scratch.metrics[-1]["test_top1"]
+    # a2 has trained past epoch 1, so c cannot branch from it and trains from round 0
+    monkeypatch.setenv("BAFFLE_ACC_RUNS", "a2")
+    accuracy.main()
+    capsys.readouterr()
+    monkeypatch.setenv("BAFFLE_ACC_RUNS", "c")
+    accuracy.main()
+    assert "c trains from round 0: the new schedule differs in epoch 1" in capsys.readouterr().out
+    assert not (runs / "c" / "branch.json").exists() and accuracy.load("c", 2) is not None
+
+
 def test_accuracy_refuses_an_unknown_run_in_one_line(accuracy, monkeypatch):
     monkeypatch.setenv("BAFFLE_ACC_RUNS", "bp-fedsgd,no-such-run")
     with pytest.raises(SystemExit, match=r"^error: unknown run\(s\) no-such-run; choose from "):

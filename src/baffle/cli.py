@@ -108,6 +108,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="TOML file with config keys (flags override it)")
     t.add_argument("--out", help="run directory to write (default: runs/<method>-<dataset>-<time>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR")
+    t.add_argument("--branch", metavar="RUN_DIR", help=(
+        "start a new run (--out) from RUN_DIR's last checkpoint: the flags change RUN_DIR's "
+        "config, and only in length and schedules it has not reached yet; exact, as if "
+        "trained from round 0"))
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(t)
@@ -151,17 +155,23 @@ class ProgressBar:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from baffle.rundir import RunDir
     from baffle.simulator import summary_table, train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                  if getattr(args, f.name) is not None}
     if args.resume:
-        if overrides or args.config:
+        if overrides or args.config or args.branch:
             raise ConfigError("--resume takes the saved config of the run; drop the other flags")
         out, resume, config = Path(args.resume), True, TrainConfig()
     else:
+        if args.branch and not args.out:
+            raise ConfigError("--branch needs --out, the new run's directory")
+        if args.branch and Path(args.out).resolve() == Path(args.branch).resolve():
+            raise ConfigError("--out must name a new directory, not the --branch run")
         values = load_toml(args.config) if args.config else {}
-        config = from_dict({**values, **overrides})
+        base = RunDir(args.branch).config() if args.branch else None
+        config = from_dict({**values, **overrides}, base=base)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out or f"runs/{config.method}-{config.dataset}-{stamp}")
         resume = False
@@ -169,7 +179,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             shutil.rmtree(out)
     bar = ProgressBar(args.quiet)
     try:
-        result = train(config, run_dir=out, resume=resume, callbacks=[bar])
+        result = train(config, run_dir=out, resume=resume, callbacks=[bar],
+                       branch_from=args.branch)
     finally:
         bar.close()
     print(summary_table([result.summary]))

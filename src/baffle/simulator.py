@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baffle import branch
 from baffle.aggregate import (
     Upload,
     aggregate_gradient,
@@ -45,7 +47,7 @@ from baffle.config import TrainConfig
 from baffle.data import ArrayDataset, DataBundle, load_dataset, partition
 from baffle.directions import DirectionCache, DirectionScheme, derive_seed, layer_blocks
 from baffle.ema import EMA
-from baffle.errors import BaffleError
+from baffle.errors import BaffleError, ConfigError
 from baffle.estimator import EstimatorSpec, LossFn, check_no_batchnorm, trainable_params
 from baffle.models import build_model
 from baffle.rundir import RunDir
@@ -404,6 +406,32 @@ class RunLog:
         start = int(ckpt["rounds_done"])
         return start, self.rd.truncate_metrics(start)
 
+    def branch(self, fed: Federation, source: str | Path) -> tuple[int, list[dict[str, Any]]]:
+        """Start the directory from ``source``'s last checkpoint (``baffle.branch``): its
+        finished rounds' metrics are copied, and ``branch.json`` records where they came
+        from. (start round, rows)."""
+        assert self.rd is not None
+        src = RunDir(source)
+        old = src.config()
+        ckpt = src.load_checkpoint()
+        if ckpt is None:
+            raise ConfigError(f"{source} has no checkpoint to branch from")
+        done = int(ckpt["rounds_done"])
+        branch.check(old, fed.config, done, fed.rounds_per_epoch)
+        rows = [r for r in src.metrics() if r["round"] < done]
+        if [r["round"] for r in rows] != list(range(done)):
+            raise ConfigError(f"{source}/metrics.jsonl lacks some of the {done} rounds its "
+                              "checkpoint holds; resume that run first")
+        self.rd.create(fed.config)
+        for r in rows:
+            self.rd.append_metrics(r)
+        self.rd.save_checkpoint({**ckpt, "config": fed.config.to_dict()})
+        provenance = {"source": str(Path(source).resolve()), "rounds_done": done,
+                      "changed": {k: list(v) for k, v in branch.changed(old, fed.config).items()}}
+        (self.rd.path / "branch.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        fed.server.load_state_dict(ckpt["server"])
+        return done, rows
+
     def round_done(self, fed: Federation, record: dict[str, Any]) -> None:
         if self.rd is None:
             return
@@ -431,8 +459,12 @@ def train(
     loss_fn: LossFn | None = None,
     data: DataBundle | None = None,
     upload_hook: UploadHook | None = None,
+    branch_from: str | Path | None = None,
 ) -> RunResult:
     """Run (or resume) federated training; returns the metrics and the final model.
+
+    ``branch_from`` starts a new ``run_dir`` from that run's last checkpoint (``baffle.branch``:
+    ``config`` may change only schedules not yet reached).
 
     ``upload_hook(round, upload)`` stands between client and server (fault injection,
     transport); an upload it breaks is rejected and logged, never trained on.
@@ -440,8 +472,13 @@ def train(
     run_log = RunLog(run_dir)
     if resume:
         config = run_log.saved_config()
+    if branch_from is not None and (resume or run_dir is None):
+        raise ConfigError("a branch needs a new run directory and cannot also resume")
     fed = setup(config, model, loss_fn, data)
-    start, metrics = run_log.open(fed, resume)
+    if branch_from is not None:
+        start, metrics = run_log.branch(fed, branch_from)
+    else:
+        start, metrics = run_log.open(fed, resume)
     for r in range(start, fed.total_rounds):
         t0 = time.perf_counter()
         lr = begin_round(fed, r)

@@ -1,0 +1,98 @@
+"""Branching a run: a schedule ablation trained from another run's checkpoint ends with the
+same weights, bit for bit, as training it from round 0; anything inexact is refused."""
+
+import json
+
+import pytest
+import torch
+
+from baffle import TrainConfig, train
+from baffle.cli import main
+from baffle.errors import ConfigError
+
+BASE = TrainConfig(dataset="digits", clients=2, K=4, lr=0.03, ema=True, epochs=2)
+# a K schedule and an lr decay that start at epoch 2, where BASE stopped
+LATER = dict(epochs=3, K_milestones=(2,), K_values=(8,), lr_milestones=(2,), lr_gamma=0.5)
+
+
+def _state(run):
+    return torch.load(run / "checkpoint.pt", weights_only=False)["server"]
+
+
+def _rows(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    run = tmp_path_factory.mktemp("branch") / "source"
+    train(BASE, run_dir=run)
+    return run
+
+
+def test_a_branch_equals_training_its_config_from_scratch(source, tmp_path):
+    new = BASE.replace(**LATER)
+    ref = train(new, run_dir=tmp_path / "ref")
+    train(new, run_dir=tmp_path / "branch", branch_from=source)
+
+    a, b = _state(tmp_path / "ref"), _state(tmp_path / "branch")
+    for part in ("model", "optimizer"):
+        assert a[part].keys() == b[part].keys()
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for k, v in a["ema"]["shadow"].items():
+        assert torch.equal(v, b["ema"]["shadow"][k]), k
+    assert _rows(tmp_path / "ref") == _rows(tmp_path / "branch")
+    # the branch trained the new schedule after the source's rounds, and says where from
+    rpe = len(_rows(source)) // 2
+    assert {r["K"] for r in ref.metrics[:2 * rpe]} == {4}
+    assert {r["K"] for r in ref.metrics[2 * rpe:]} == {8}
+    info = json.loads((tmp_path / "branch" / "branch.json").read_text())
+    assert info["rounds_done"] == 2 * rpe
+    assert set(info["changed"]) == set(LATER)
+
+
+def test_the_source_is_left_as_it_was(source, tmp_path):
+    before = (source / "metrics.jsonl").read_bytes(), (source / "checkpoint.pt").read_bytes()
+    train(BASE.replace(epochs=3), run_dir=tmp_path / "longer", branch_from=source)
+    assert before == ((source / "metrics.jsonl").read_bytes(),
+                      (source / "checkpoint.pt").read_bytes())
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    (dict(sigma=1e-3), "sigma would change the rounds already trained"),
+    (dict(seed=1), "seed would change"),
+    (dict(epochs=3, K_milestones=(1,), K_values=(8,)), "differs in epoch 1 (lr 0.03 -> 0.03, K 4"),
+    (dict(epochs=3, lr_milestones=(0,)), "differs in epoch 0"),
+    (dict(epochs=1), "fewer than the"),
+])
+def test_a_branch_that_would_rewrite_trained_rounds_is_refused(source, tmp_path, changes,
+                                                               fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        train(BASE.replace(**changes), run_dir=tmp_path / "b", branch_from=source)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_source_without_a_checkpoint_is_refused(source, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((source / "config.json").read_text())
+    with pytest.raises(ConfigError, match="has no checkpoint to branch from"):
+        train(BASE.replace(epochs=3), run_dir=tmp_path / "b", branch_from=bare)
+
+
+def test_cli_branch_takes_the_source_config_and_changes_only_the_flags(source, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["train", "--branch", str(source), "--out", str(out), "--epochs", "3",
+               "--K-milestones", "2", "--K-values", "8", "--quiet"])
+    assert rc == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["K_values"], saved["lr"], saved["clients"]) == ([8], 0.03, 2)
+    assert main(["train", "--branch", str(source), "--epochs", "3", "--quiet"]) == 2
+    assert main(["train", "--branch", str(source), "--out", str(source), "--overwrite",
+                 "--epochs", "3", "--quiet"]) == 2
+    assert (source / "checkpoint.pt").exists()  # --overwrite did not delete the source
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --branch needs --out, the new run's directory",
+                   "error: --out must name a new directory, not the --branch run"]
