@@ -174,6 +174,46 @@ def test_deployed_nodes_keep_their_local_optimizers(deployment, tmp_path):
 
 @needs_flower
 @pytest.mark.slow
+def test_kept_optimizers_outlive_the_flower_run_on_nodes_with_a_state_dir(tmp_path, certs):
+    """Two SuperNodes with ``state-dir``. Run 1 trains 2 rounds; run 2, a new Flower run,
+    resumes the server from its checkpoint for 2 more. Every node's Context.state starts
+    empty in run 2, so only the nodes' state files carry Adam over: the server's copies
+    reach 8 steps (4 rounds x 2), not 4 (fresh from round 3), and the losses equal an
+    uninterrupted in-process run of 4 rounds."""
+    from baffle import train
+    from baffle.flower.launch import LocalFlower, _alive
+    from baffle.flower.wire import config_from_run_config
+
+    run_dir, state = tmp_path / "run", tmp_path / "state"
+    base = {"K": 4, "mode": "epoch", "local-steps": 2, "seed-sharing": "client",
+            "client-optimizer": "keep", "run-dir": str(run_dir), "round-timeout": 120.0}
+    fl = LocalFlower(tmp_path / "flower", supernodes=2, certs=certs, state_dir=state)
+    try:
+        fl.start()
+        for rounds, resume in ((2, False), (4, True)):
+            run_id = fl.submit(APP, {**base, "rounds": rounds, "resume": resume})
+            st = fl.wait(run_id, timeout=240)
+            assert st["status"] == "finished:completed", fl.logs(run_id)[-3000:]
+    finally:
+        started = fl.pids()
+        fl.stop()
+        assert not [p for p in started if _alive(p)], "processes outlived stop()"
+    got = rows(run_dir)
+    assert [(r["round"], r["accepted"], r["rejected"]) for r in got] == [
+        (r, 2, 0) for r in range(4)]
+    kept = torch.load(run_dir / "checkpoint.pt", weights_only=False)["server"]["client_optim"]
+    assert {c: int(s["state"][0]["step"]) for c, s in kept.items()} == {0: 8, 1: 8}
+    files = sorted(p.relative_to(state).parts for p in state.rglob("*.pt"))
+    assert [(d, f.split("-")[-1]) for d, f in files] == [("node-0", "client0.pt"),
+                                                         ("node-1", "client1.pt")]
+    cfg, _ = config_from_run_config({**app_config(), **base, "rounds": 4, "run-dir": ""})
+    ref = train(cfg).metrics
+    assert [r["train_loss"] for r in got] == pytest.approx([r["train_loss"] for r in ref],
+                                                           rel=1e-5)
+
+
+@needs_flower
+@pytest.mark.slow
 def test_killed_supernode_does_not_kill_the_run(deployment, tmp_path):
     fl = deployment
     run_dir = tmp_path / "run"

@@ -112,6 +112,38 @@ def test_kept_states_round_trip_and_the_start_is_the_one_the_server_names():
     assert pick_start(back, 12345, 0) is None  # a state this node does not hold
 
 
+def test_a_node_state_file_is_per_experiment_and_a_bad_one_starts_fresh(tmp_path, caplog):
+    from flwr.app import Context, RecordDict
+
+    from baffle.client import optimizer_digest
+    from baffle.flower.client_app import load_kept, save_kept, state_file
+    from baffle.simulator import setup
+
+    fed = setup(from_dict({"mode": "epoch", "client_optimizer": "keep", "seed_sharing": "client"}))
+    node = {"partition-id": 1, "state-dir": str(tmp_path)}
+    path = state_file(node, fed, 1)
+    # longer or rescheduled: the same experiment, the same file; another seed: another
+    for same in (fed.config.replace(rounds=9), fed.config.replace(epochs=3, lr_milestones=(2,))):
+        assert state_file(node, setup(same), 1) == path
+    assert state_file(node, setup(fed.config.replace(seed=1)), 1) != path
+    assert state_file({"partition-id": 1}, fed, 1) is None
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+
+    def context():
+        return Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+
+    save_kept(context(), path, [opt.state_dict()])
+    back = load_kept(context(), path, 1)  # a new run: empty Context.state, the file remains
+    assert [optimizer_digest(s) for s in back] == [optimizer_digest(opt.state_dict())]
+    path.write_bytes(b"not a torch file")
+    assert load_kept(context(), path, 1) == []
+    assert "cannot read kept optimizer states" in caplog.text
+
+
 def test_faulty_clients_are_dropped_and_too_few_leave_the_model(tmp_path):
     base = {"clients": 6, "K": 5, "rounds": 2, "min-clients": 2}
     rows = _simulate(tmp_path / "a", 6, base, faulty=True)

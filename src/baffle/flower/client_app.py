@@ -7,24 +7,33 @@ fingerprint) or round estimator (K, sigma, scheme) differs from ours gets an err
 instead of garbage.
 
 With ``client-optimizer = "keep"`` the node keeps its local optimizer state in Flower's
-``Context.state`` (for the run's lifetime on that node), the last ``KEPT`` of them. In
-epoch mode the server names, by digest, the state it will replay the client's epoch from;
-the client starts from that one, or fresh if it no longer holds it (a restarted node),
-and says which in its upload, so the server always replays what the client ran.
+``Context.state`` (for the run's lifetime on that node), the last ``KEPT`` of them. A
+node started with ``state-dir`` in its node config also writes them to a file there
+(atomically, after every round) and reads it when its ``Context.state`` is empty, so the
+states outlive a restarted SuperNode and a new Flower run that resumes the server. The
+file is named by the run's training config, less ``branch.BRANCHABLE`` (length and
+schedules), so another experiment never picks it up. In epoch mode the server names, by
+digest, the state it will replay the client's epoch from; the client starts from that
+one, or fresh if it no longer holds it, and says which in its upload, so the server
+always replays what the client ran.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from baffle.aggregate import Upload
+from baffle.branch import BRANCHABLE
 from baffle.client import optimizer_digest
 from baffle.directions import DirectionScheme
 from baffle.errors import ConfigError
@@ -36,6 +45,7 @@ from baffle.flower.wire import (
     states_record,
     upload_to_content,
 )
+from baffle.rundir import atomic_write
 from baffle.simulator import Federation, client_round, setup
 
 log = logging.getLogger("baffle.flower")
@@ -82,6 +92,41 @@ def pick_start(kept: Sequence[dict[str, Any]], wanted: int | None,
     return None
 
 
+def state_file(node_config: Mapping[str, Any], fed: Federation, client: int) -> Path | None:
+    """Where this node persists client ``client``'s kept states: ``state-dir`` (node
+    config) / baffle-<hash of the config less BRANCHABLE>-client<N>.pt; None without it."""
+    folder = node_config.get("state-dir")
+    if not folder:
+        return None
+    same = {k: v for k, v in fed.config.to_dict().items() if k not in BRANCHABLE}
+    key = hashlib.blake2b(json.dumps(same, sort_keys=True).encode(), digest_size=6).hexdigest()
+    return Path(str(folder)) / f"baffle-{key}-client{client}.pt"
+
+
+def load_kept(context: Context, path: Path | None, client: int) -> list[dict[str, Any]]:
+    """The states this node keeps: from ``Context.state``, else from ``path`` (a restarted
+    node or a new run). An unreadable file is logged and counts as none."""
+    kept = record_states(context.state.get(STATE_KEY))  # type: ignore[arg-type]
+    if kept or path is None or not path.exists():
+        return kept
+    try:
+        kept = list(torch.load(path, weights_only=True))
+    except Exception as e:  # noqa: BLE001 - any unreadable file: start fresh, as on a new node
+        log.warning("client %d: cannot read kept optimizer states %s (%s: %s); starting "
+                    "without them", client, path, type(e).__name__, e)
+        return []
+    log.info("client %d: read %d kept optimizer state(s) from %s", client, len(kept), path)
+    return kept
+
+
+def save_kept(context: Context, path: Path | None, kept: list[dict[str, Any]]) -> None:
+    """Keep ``kept`` in ``Context.state`` and, with a ``state-dir``, in ``path``."""
+    context.state[STATE_KEY] = states_record(kept)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: torch.save(kept, f))
+
+
 def make_client_app(
     overrides: dict[str, Any] | None = None,
     tamper: Callable[[int, Upload], Upload] | None = None,
@@ -103,13 +148,14 @@ def make_client_app(
         (dirs or fed.dirs).check(str(rc["scheme-version"]), str(rc["fingerprint"]))
         check_round_spec(fed.spec_at(int(rc["round"])), rc)
         load_weights(fed.server.model, msg.content["arrays"])
-        kept = record_states(context.state.get(STATE_KEY))  # type: ignore[arg-type]
+        path = state_file(context.node_config, fed, client)
+        kept = load_kept(context, path, client) if fed.config.client_optimizer == "keep" else []
         wanted = rc.get("optim-digests")
         start = pick_start(kept, None if wanted is None else int(wanted[client]), client)
         upload, state = client_round(fed, client, int(rc["round"]), float(rc["lr"]),
                                      int(rc["seed"]), start)
         if state is not None:
-            context.state[STATE_KEY] = states_record([*kept, state][-KEPT:])
+            save_kept(context, path, [*kept, state][-KEPT:])
         if tamper is not None:
             upload = tamper(client, upload)
         return Message(upload_to_content(upload), reply_to=msg)

@@ -2,7 +2,9 @@
 
 A local deployment for trying, testing and measuring the BAFFLE Flower app; every
 server binds to 127.0.0.1 only. SuperNode ``i`` gets ``--node-config "partition-id=i
-num-partitions=N"``, so it trains client ``i`` of the seeded split. The CLI connection
+num-partitions=N"``, so it trains client ``i`` of the seeded split (plus
+``state-dir='STATE/node-i'`` with ``--state-dir STATE``: where a node keeps its local
+optimizer states for ``client-optimizer = "keep"`` across restarts). The CLI connection
 (``[superlink.<name>]`` in ``$FLWR_HOME/config.toml``) is written into ``DIR/home``.
 
     python -m baffle.flower.launch up  --dir /tmp/flwr --supernodes 2 --certs /tmp/certs
@@ -210,12 +212,15 @@ class LocalFlower:
     turns TLS on for the Fleet, Control and Runtime APIs and the SuperNodes' own
     Runtime APIs. ``simulation``: a simulation-mode SuperLink, no SuperNode processes.
     ``count_bytes``: each SuperNode reaches the SuperLink through a ``ByteCounter``.
+    ``state_dir``: SuperNode ``i`` keeps its client optimizer states in ``state_dir/node-i``.
     Logs go to ``workdir``; the CLI connection ``baffle`` to ``workdir/home/config.toml``.
     """
 
     def __init__(self, workdir: str | Path, supernodes: int = 2, certs: str | Path | None = None,
-                 simulation: bool = False, count_bytes: bool = False) -> None:
+                 simulation: bool = False, count_bytes: bool = False,
+                 state_dir: str | Path | None = None) -> None:
         self.dir = Path(workdir).resolve()
+        self.state_dir = Path(state_dir).resolve() if state_dir else None
         self.n, self.simulation, self.count_bytes = supernodes, simulation, count_bytes
         self.certs = Path(certs).resolve() if certs else None
         self.port = 0
@@ -307,6 +312,11 @@ class LocalFlower:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
             f'[superlink.{CONNECTION}]\naddress = "{HOST}:{self.port}"\n{security}\n')
 
+    def node_config(self, i: int) -> str:
+        """SuperNode ``i``'s ``--node-config``."""
+        extra = f" state-dir='{self.state_dir / f'node-{i}'}'" if self.state_dir else ""
+        return f"partition-id={i} num-partitions={self.n}{extra}"
+
     def _start_supernode(self, i: int) -> subprocess.Popen[bytes]:
         port = self.port
         if self.count_bytes:
@@ -315,7 +325,7 @@ class LocalFlower:
         root = ["--root-certificates", str(self.certs / "ca.crt")] if self.certs else []
         args = [_bin("flower-supernode"), *(root or ["--insecure"]),
                 "--superlink", f"{HOST}:{port}", "--host", HOST, "--port", str(free_port()),
-                "--node-config", f"partition-id={i} num-partitions={self.n}"]
+                "--node-config", self.node_config(i)]
         args += self._server_tls()  # its own Runtime API (for its ClientApp) on TLS too
         return self._spawn(f"supernode-{i}", args)
 
@@ -448,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for the run")
     ap.add_argument("--count-bytes", action="store_true",
                     help="relay each SuperNode through a byte counter and print the totals")
+    ap.add_argument("--state-dir", help="SuperNode i keeps its local optimizer states "
+                    "(client-optimizer keep) in STATE_DIR/node-i, across restarts")
     a = ap.parse_args(argv)
     if a.simulation and a.count_bytes:
         ap.error("--count-bytes needs SuperNode processes (not --simulation)")
@@ -466,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(a: argparse.Namespace) -> int:
-    with LocalFlower(a.dir, a.supernodes, a.certs, a.simulation, a.count_bytes) as fl:
+    with LocalFlower(a.dir, a.supernodes, a.certs, a.simulation, a.count_bytes,
+                     a.state_dir) as fl:
         where = f"{'https' if fl.tls else 'http'}://{HOST}:{fl.port}"
         kind = "virtual SuperNodes" if a.simulation else "SuperNodes"
         print(f"SuperLink {where} ({'simulation, ' if a.simulation else ''}"
