@@ -4,6 +4,7 @@
     RUN_DIR/metrics.jsonl    one JSON object per finished round
     RUN_DIR/checkpoint.pt    server state after the last checkpointed round (atomic)
     RUN_DIR/summary.json     final numbers; summary.md, the same as a table
+    RUN_DIR/branch.json      a branched run's source and rounds taken from it (``branch``)
 """
 
 from __future__ import annotations
