@@ -88,7 +88,10 @@ def child(name: str, mode: str) -> None:
 def run_child(name: str, mode: str) -> dict[str, int]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
     out = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--child", name, mode],
-                         capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode != 0:
+        sys.exit(f"error: memory step {name!r} / {mode!r} failed (exit {out.returncode}): "
+                 + (out.stderr.strip().splitlines() or ["no output"])[-1])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

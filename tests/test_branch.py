@@ -2,6 +2,7 @@
 same weights, bit for bit, as training it from round 0; anything inexact is refused."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ import torch
 from baffle import TrainConfig, train
 from baffle.cli import main
 from baffle.errors import ConfigError
+from baffle.rundir import RunDir
+from baffle.simulator import RunLog, setup
 
 BASE = TrainConfig(dataset="digits", clients=2, K=4, lr=0.03, ema=True, epochs=2)
 # a K schedule and an lr decay that start at epoch 2, where BASE stopped
@@ -96,3 +99,22 @@ def test_cli_branch_takes_the_source_config_and_changes_only_the_flags(source, t
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --branch needs --out, the new run's directory",
                    "error: --out must name a new directory, not the --branch run"]
+
+
+def test_resuming_with_another_config_is_checked_like_a_branch(source, tmp_path):
+    """A Flower server resumes with the run config it is given (``RunLog.open``): longer or
+    rescheduled after the checkpoint goes on, and the saved config follows; any other
+    change is refused and leaves the run as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    rows = _rows(run)
+    with pytest.raises(ConfigError, match="^resuming with another config may change only "
+                                          r".*; sigma would change the rounds already trained"):
+        RunLog(run).open(setup(BASE.replace(sigma=1e-3, epochs=3)), resume=True)
+    with pytest.raises(ConfigError, match="differs in epoch 1"):
+        RunLog(run).open(setup(BASE.replace(epochs=3, K_milestones=(1,), K_values=(8,))),
+                         resume=True)
+    assert RunDir(run).config() == BASE and _rows(run) == rows
+    longer = BASE.replace(**LATER)
+    start, _ = RunLog(run).open(setup(longer), resume=True)
+    assert start == len(rows) and RunDir(run).config() == longer

@@ -179,7 +179,8 @@ def test_kept_optimizers_outlive_the_flower_run_on_nodes_with_a_state_dir(tmp_pa
     resumes the server from its checkpoint for 2 more. Every node's Context.state starts
     empty in run 2, so only the nodes' state files carry Adam over: the server's copies
     reach 8 steps (4 rounds x 2), not 4 (fresh from round 3), and the losses equal an
-    uninterrupted in-process run of 4 rounds."""
+    uninterrupted in-process run of 4 rounds. A third run resuming with another K fails.
+    """
     from baffle import train
     from baffle.flower.launch import LocalFlower, _alive
     from baffle.flower.wire import config_from_run_config
@@ -194,6 +195,12 @@ def test_kept_optimizers_outlive_the_flower_run_on_nodes_with_a_state_dir(tmp_pa
             run_id = fl.submit(APP, {**base, "rounds": rounds, "resume": resume})
             st = fl.wait(run_id, timeout=240)
             assert st["status"] == "finished:completed", fl.logs(run_id)[-3000:]
+        # resuming it with another estimator would mix two experiments in one run: refused
+        before = (run_dir / "metrics.jsonl").read_text()
+        run_id = fl.submit(APP, {**base, "rounds": 6, "resume": True, "K": 8})
+        assert fl.wait(run_id, timeout=240)["status"] == "finished:failed"
+        assert "resuming with another config may change only" in fl.logs(run_id)
+        assert (run_dir / "metrics.jsonl").read_text() == before
     finally:
         started = fl.pids()
         fl.stop()

@@ -39,12 +39,14 @@ def schedule(c: TrainConfig, epoch: int) -> tuple[float, int]:
             k_at(epoch, c.K, c.K_milestones, c.K_values))
 
 
-def check(old: TrainConfig, new: TrainConfig, rounds_done: int, rounds_per_epoch: int) -> None:
-    """Raise ``ConfigError`` unless ``new`` branches exactly from ``old`` after
-    ``rounds_done`` rounds."""
-    fixed = sorted(set(changed(old, new)) - set(BRANCHABLE))
+def check(old: TrainConfig, new: TrainConfig, rounds_done: int, rounds_per_epoch: int,
+          what: str = "a branch", also: tuple[str, ...] = ()) -> None:
+    """Raise ``ConfigError`` unless ``new`` continues ``old`` exactly after ``rounds_done``
+    rounds. ``what`` names the continuation in the message; ``also`` are further fields
+    it may change (a resumed server may move to another data folder or device)."""
+    fixed = sorted(set(changed(old, new)) - set(BRANCHABLE) - set(also))
     if fixed:
-        raise ConfigError(f"a branch may change only {', '.join(BRANCHABLE)}; "
+        raise ConfigError(f"{what} may change only {', '.join(BRANCHABLE + also)}; "
                           f"{', '.join(fixed)} would change the rounds already trained "
                           "(start a new run instead)")
     touched = (rounds_done - 1) // rounds_per_epoch + 1 if rounds_done else 0
@@ -54,8 +56,8 @@ def check(old: TrainConfig, new: TrainConfig, rounds_done: int, rounds_per_epoch
             raise ConfigError(
                 f"the new schedule differs in epoch {e} (lr {lr0:g} -> {lr1:g}, K {k0} -> "
                 f"{k1}), which the source already trained ({rounds_done} rounds, epoch "
-                f"{rounds_done / rounds_per_epoch:g}); branch from a run stopped before it")
+                f"{rounds_done / rounds_per_epoch:g}); change only epochs after it")
     total = new.rounds or new.epochs * rounds_per_epoch
     if total < rounds_done:
-        raise ConfigError(f"the branch would be {total} rounds long, fewer than the "
+        raise ConfigError(f"{what} would be {total} rounds long, fewer than the "
                           f"{rounds_done} the source has finished")

@@ -226,8 +226,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return dict(data.get("train", data))
 
 
+def config_json(config: TrainConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
 def save_json(config: TrainConfig, path: Path) -> None:
-    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    path.write_text(config_json(config))
 
 
 def load_json(path: Path) -> TrainConfig:

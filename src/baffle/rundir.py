@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from baffle.config import TrainConfig, load_json, save_json
+from baffle.config import TrainConfig, config_json, load_json, save_json
 from baffle.errors import ConfigError
 
 CONFIG, METRICS, CHECKPOINT, SUMMARY = "config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"
@@ -51,6 +51,10 @@ class RunDir:
             )
         self.path.mkdir(parents=True, exist_ok=True)
         save_json(config, self.path / CONFIG)
+
+    def save_config(self, config: TrainConfig) -> None:
+        """Replace the saved config (a resumed run that was lengthened or rescheduled)."""
+        atomic_write(self.path / CONFIG, lambda f: f.write(config_json(config).encode()))
 
     def config(self) -> TrainConfig:
         if not (self.path / CONFIG).is_file():

@@ -382,6 +382,10 @@ def finish_round(fed: Federation, r: int, lr: float, sampled: Sequence[int],
     return record
 
 
+# where a resumed run trains, not what: it may move to another machine
+MOVABLE = ("data_dir", "download", "device")
+
+
 class RunLog:
     """Run-directory side of training: create or resume, then log and checkpoint rounds."""
 
@@ -402,8 +406,13 @@ class RunLog:
         ckpt = self.rd.load_checkpoint()
         if ckpt is None:
             return 0, self.rd.truncate_metrics(0)
-        fed.server.load_state_dict(ckpt["server"])
         start = int(ckpt["rounds_done"])
+        saved = self.rd.config()
+        if saved != fed.config:  # a Flower server resumes with the run config it is given
+            branch.check(saved, fed.config, start, fed.rounds_per_epoch,
+                         what="resuming with another config", also=MOVABLE)
+            self.rd.save_config(fed.config)
+        fed.server.load_state_dict(ckpt["server"])
         return start, self.rd.truncate_metrics(start)
 
     def branch(self, fed: Federation, source: str | Path) -> tuple[int, list[dict[str, Any]]]:
