@@ -74,6 +74,9 @@ def measure(name: str, mm: torch.Tensor) -> tuple[list[list[object]], dict[str, 
         f"BAFFLE auto ({auto.engine}, chunk {auto.chunk})": est("auto"),
         LAYER_ROW: est("auto", dirs=layered),
         "directions only (K draws)": draw,
+        # the generator's floor: the same K*n normals from one generator in one call
+        "directions floor (one randn)": lambda: torch.randn(K * sum(
+            p.numel() for p in params.values())),
         **peak_fns(mm),
     }
     times = interleaved(fns, REPS)
@@ -97,6 +100,7 @@ def measure(name: str, mm: torch.Tensor) -> tuple[list[list[object]], dict[str, 
              "layer": times[LAYER_ROW] / (K + 1), "layer_share": run_flops[LAYER_ROW] / (K + 1)
              / flops, "n_blocks": layered.n_blocks,
              "plain": plain_best, "dirs_share": times["directions only (K draws)"] / times[auto_key],
+             "dirs_floor": times["directions floor (one randn)"] / times[auto_key],
              "n_params": sum(p.numel() for p in params.values()),
              **{k: 2 * mm.shape[0] ** 3 / t / 1e9 for k, t in times.items()
                 if k.startswith("peak")}}
@@ -131,7 +135,9 @@ def main() -> None:
             + f"\n\nMeasured float32 matmul peak: {f['peak: torch.mm (MKL)']:.0f} GFLOP/s "
             f"through torch.mm (MKL), {f['peak: linear (oneDNN)']:.0f} through oneDNN; "
             f"auto reaches {share:.0%} of the faster ({peak:.0f} GFLOP/s). Drawing the K "
-            f"directions is {f['dirs_share']:.1%} of the auto step. An engine that ran every "
+            f"directions is {f['dirs_share']:.1%} of the auto step; one torch.randn call "
+            f"drawing as many normals takes {f['dirs_floor']:.1%} of it (the generator's "
+            f"floor, without one generator per direction and tensor). An engine that ran every "
             f"FLOP of the forward passes at that peak, and did nothing else, would be "
             f"{bound:.2f}x the naive loop.\n\n"
             f"Layer directions (last BAFFLE row; another estimator, same K+1 passes, see "
