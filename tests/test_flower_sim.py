@@ -117,16 +117,17 @@ def test_a_node_state_file_is_per_experiment_and_a_bad_one_starts_fresh(tmp_path
 
     from baffle.client import optimizer_digest
     from baffle.flower.client_app import load_kept, save_kept, state_file
-    from baffle.simulator import setup
 
-    fed = setup(from_dict({"mode": "epoch", "client_optimizer": "keep", "seed_sharing": "client"}))
+    cfg = from_dict({"mode": "epoch", "client_optimizer": "keep", "seed_sharing": "client"})
     node = {"partition-id": 1, "state-dir": str(tmp_path)}
-    path = state_file(node, fed, 1)
-    # longer or rescheduled: the same experiment, the same file; another seed: another
-    for same in (fed.config.replace(rounds=9), fed.config.replace(epochs=3, lr_milestones=(2,))):
-        assert state_file(node, setup(same), 1) == path
-    assert state_file(node, setup(fed.config.replace(seed=1)), 1) != path
-    assert state_file({"partition-id": 1}, fed, 1) is None
+    path = state_file(node, cfg, 1)
+    # longer, rescheduled or moved: the same experiment, the same file; another seed: another
+    for same in (cfg.replace(rounds=9), cfg.replace(epochs=3, lr_milestones=(2,)),
+                 cfg.replace(data_dir="/elsewhere", device="cuda")):
+        assert state_file(node, same, 1) == path
+    assert state_file(node, cfg.replace(seed=1), 1) != path
+    assert state_file(node, cfg, 0) != path
+    assert state_file({"partition-id": 1}, cfg, 1) is None
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)

@@ -11,11 +11,12 @@ With ``client-optimizer = "keep"`` the node keeps its local optimizer state in F
 node started with ``state-dir`` in its node config also writes them to a file there
 (atomically, after every round) and reads it when its ``Context.state`` is empty, so the
 states outlive a restarted SuperNode and a new Flower run that resumes the server. The
-file is named by the run's training config, less ``branch.BRANCHABLE`` (length and
-schedules), so another experiment never picks it up. In epoch mode the server names, by
-digest, the state it will replay the client's epoch from; the client starts from that
-one, or fresh if it no longer holds it, and says which in its upload, so the server
-always replays what the client ran.
+file is named by the run's training config, less what a resumed run may change (its
+length, schedules, data folder and device), so another experiment never picks it up.
+
+In epoch mode the server names, by digest, the state it will replay the client's epoch
+from; the client starts from that one, or fresh if it no longer holds it, and says which
+in its upload, so the server always replays what the client ran.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from flwr.clientapp import ClientApp
 from baffle.aggregate import Upload
 from baffle.branch import BRANCHABLE
 from baffle.client import optimizer_digest
+from baffle.config import TrainConfig
 from baffle.directions import DirectionScheme
 from baffle.errors import ConfigError
 from baffle.flower.wire import (
@@ -46,7 +48,7 @@ from baffle.flower.wire import (
     upload_to_content,
 )
 from baffle.rundir import atomic_write
-from baffle.simulator import Federation, client_round, setup
+from baffle.simulator import MOVABLE, Federation, client_round, setup
 
 log = logging.getLogger("baffle.flower")
 
@@ -92,13 +94,15 @@ def pick_start(kept: Sequence[dict[str, Any]], wanted: int | None,
     return None
 
 
-def state_file(node_config: Mapping[str, Any], fed: Federation, client: int) -> Path | None:
+def state_file(node_config: Mapping[str, Any], config: TrainConfig, client: int
+               ) -> Path | None:
     """Where this node persists client ``client``'s kept states: ``state-dir`` (node
-    config) / baffle-<hash of the config less BRANCHABLE>-client<N>.pt; None without it."""
+    config) / baffle-<hash of the config less BRANCHABLE and MOVABLE>-client<N>.pt, the
+    fields a resumed run may change; None without a ``state-dir``."""
     folder = node_config.get("state-dir")
     if not folder:
         return None
-    same = {k: v for k, v in fed.config.to_dict().items() if k not in BRANCHABLE}
+    same = {k: v for k, v in config.to_dict().items() if k not in BRANCHABLE + MOVABLE}
     key = hashlib.blake2b(json.dumps(same, sort_keys=True).encode(), digest_size=6).hexdigest()
     return Path(str(folder)) / f"baffle-{key}-client{client}.pt"
 
@@ -148,7 +152,7 @@ def make_client_app(
         (dirs or fed.dirs).check(str(rc["scheme-version"]), str(rc["fingerprint"]))
         check_round_spec(fed.spec_at(int(rc["round"])), rc)
         load_weights(fed.server.model, msg.content["arrays"])
-        path = state_file(context.node_config, fed, client)
+        path = state_file(context.node_config, fed.config, client)
         kept = load_kept(context, path, client) if fed.config.client_optimizer == "keep" else []
         wanted = rc.get("optim-digests")
         start = pick_start(kept, None if wanted is None else int(wanted[client]), client)
