@@ -5,7 +5,9 @@ sharings and the backprop baselines; test top-1 against epochs and forward passe
     python -m benchmarks.run accuracy          # trains every run (hours on a CPU)
 
 Each run lives in ``runs/accuracy/<name>`` (``runs/accuracy-gpu/<name>`` on a GPU) and
-resumes where it stopped, so the command can be interrupted and re-run. ``BAFFLE_ACC_EPOCHS`` (default 20) sets the length,
+resumes where it stopped, so the command can be interrupted and re-run; a run named in
+``BRANCH_OF`` starts from its parent's checkpoint when that is exact (``baffle.branch``).
+``BAFFLE_ACC_EPOCHS`` (default 20) sets the length,
 ``BAFFLE_ACC_RUNS`` (comma-separated names) a subset, ``BAFFLE_MNIST_DIR`` the data
 (default ``../shared/data/mnist``); ``BAFFLE_ACC_REPORT_ONLY=1`` tabulates without training.
 ``BAFFLE_ACC_DEVICE=cuda`` trains on a GPU and ``BAFFLE_ACC_JOBS=N`` runs N trainings at once,
@@ -177,8 +179,7 @@ def save(name: str, run: Path, epochs: int) -> None:
               "config": cfg.to_dict(), "best": max(p[2] for p in pts),
               "curve": [list(p) for p in pts], "machine": where(name),
               "s_per_round": seconds_per_round(run)}
-    if (run / "branch.json").exists():
-        b = json.loads((run / "branch.json").read_text())
+    if (b := RunDir(run).branch_info()) is not None:
         record["source"] = (f"its first {b['rounds_done']} rounds are "
                             f"{Path(b['source']).name}'s, branched from its checkpoint with "
                             "`baffle train --branch`: exact, the same weights as training "

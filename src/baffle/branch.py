@@ -25,6 +25,8 @@ from baffle.schedule import k_at, lr_at
 # length, schedules and cadences: nothing a finished round depended on
 BRANCHABLE = ("epochs", "rounds", "lr_milestones", "lr_gamma", "warmup_lr", "K_milestones",
               "K_values", "eval_every", "checkpoint_every")
+# where a resumed run trains, not what: it may move to another machine
+MOVABLE = ("data_dir", "download", "device")
 
 
 def changed(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[object, object]]:

@@ -230,9 +230,5 @@ def config_json(config: TrainConfig) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
-def save_json(config: TrainConfig, path: Path) -> None:
-    path.write_text(config_json(config))
-
-
 def load_json(path: Path) -> TrainConfig:
     return from_dict(json.loads(path.read_text()))

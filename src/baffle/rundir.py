@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from baffle.config import TrainConfig, config_json, load_json, save_json
+from baffle.config import TrainConfig, config_json, load_json
 from baffle.errors import ConfigError
 
 CONFIG, METRICS, CHECKPOINT, SUMMARY = "config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"
+BRANCH = "branch.json"
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -50,10 +51,10 @@ class RunDir:
                 f"{self.path}; Flower: resume=true) or choose another directory"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        save_json(config, self.path / CONFIG)
+        self.save_config(config)
 
     def save_config(self, config: TrainConfig) -> None:
-        """Replace the saved config (a resumed run that was lengthened or rescheduled)."""
+        """Write the config (a resumed run that was lengthened or rescheduled replaces it)."""
         atomic_write(self.path / CONFIG, lambda f: f.write(config_json(config).encode()))
 
     def config(self) -> TrainConfig:
@@ -90,12 +91,24 @@ class RunDir:
                 break  # a line cut by a kill: everything after it is lost anyway
         return rows
 
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl with ``rows``, atomically."""
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        atomic_write(self.path / METRICS, lambda f: f.write(text.encode()))
+
     def truncate_metrics(self, rounds_done: int) -> list[dict[str, Any]]:
         """Keep rows of rounds < ``rounds_done`` (those the checkpoint covers)."""
         rows = [r for r in self.metrics() if r["round"] < rounds_done]
-        text = "".join(json.dumps(r) + "\n" for r in rows)
-        atomic_write(self.path / METRICS, lambda f: f.write(text.encode()))
+        self.write_metrics(rows)
         return rows
+
+    def save_branch(self, provenance: dict[str, Any]) -> None:
+        (self.path / BRANCH).write_text(json.dumps(provenance, indent=2) + "\n")
+
+    def branch_info(self) -> dict[str, Any] | None:
+        """A branched run's source and rounds taken from it; None for any other run."""
+        p = self.path / BRANCH
+        return json.loads(p.read_text()) if p.exists() else None
 
     def write_summary(self, summary: dict[str, Any], table: str) -> None:
         (self.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -382,10 +381,6 @@ def finish_round(fed: Federation, r: int, lr: float, sampled: Sequence[int],
     return record
 
 
-# where a resumed run trains, not what: it may move to another machine
-MOVABLE = ("data_dir", "download", "device")
-
-
 class RunLog:
     """Run-directory side of training: create or resume, then log and checkpoint rounds."""
 
@@ -410,7 +405,7 @@ class RunLog:
         saved = self.rd.config()
         if saved != fed.config:  # a Flower server resumes with the run config it is given
             branch.check(saved, fed.config, start, fed.rounds_per_epoch,
-                         what="resuming with another config", also=MOVABLE)
+                         what="resuming with another config", also=branch.MOVABLE)
             self.rd.save_config(fed.config)
         fed.server.load_state_dict(ckpt["server"])
         return start, self.rd.truncate_metrics(start)
@@ -432,12 +427,11 @@ class RunLog:
             raise ConfigError(f"{source}/metrics.jsonl lacks some of the {done} rounds its "
                               "checkpoint holds; resume that run first")
         self.rd.create(fed.config)
-        for r in rows:
-            self.rd.append_metrics(r)
+        self.rd.write_metrics(rows)
         self.rd.save_checkpoint({**ckpt, "config": fed.config.to_dict()})
-        provenance = {"source": str(Path(source).resolve()), "rounds_done": done,
-                      "changed": {k: list(v) for k, v in branch.changed(old, fed.config).items()}}
-        (self.rd.path / "branch.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        self.rd.save_branch({"source": str(Path(source).resolve()), "rounds_done": done,
+                             "changed": {k: list(v) for k, v in
+                                         branch.changed(old, fed.config).items()}})
         fed.server.load_state_dict(ckpt["server"])
         return done, rows
 
@@ -478,11 +472,11 @@ def train(
     ``upload_hook(round, upload)`` stands between client and server (fault injection,
     transport); an upload it breaks is rejected and logged, never trained on.
     """
+    if branch_from is not None and (resume or run_dir is None):
+        raise ConfigError("a branch needs a new run directory and cannot also resume")
     run_log = RunLog(run_dir)
     if resume:
         config = run_log.saved_config()
-    if branch_from is not None and (resume or run_dir is None):
-        raise ConfigError("a branch needs a new run directory and cannot also resume")
     fed = setup(config, model, loss_fn, data)
     if branch_from is not None:
         start, metrics = run_log.branch(fed, branch_from)

@@ -34,7 +34,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from baffle.aggregate import Upload
-from baffle.branch import BRANCHABLE
+from baffle.branch import BRANCHABLE, MOVABLE
 from baffle.client import optimizer_digest
 from baffle.config import TrainConfig
 from baffle.directions import DirectionScheme
@@ -48,7 +48,7 @@ from baffle.flower.wire import (
     upload_to_content,
 )
 from baffle.rundir import atomic_write
-from baffle.simulator import MOVABLE, Federation, client_round, setup
+from baffle.simulator import Federation, client_round, setup
 
 log = logging.getLogger("baffle.flower")
 
