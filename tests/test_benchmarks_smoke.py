@@ -75,6 +75,16 @@ def test_memory_child_reports_a_peak(mode, monkeypatch):
     assert r["peak"] >= r["base"] > 0
 
 
+def test_a_failed_memory_step_stops_the_benchmark_with_its_error_in_one_line(monkeypatch):
+    from benchmarks import memory
+
+    monkeypatch.setenv("BAFFLE_BENCH_QUICK", "1")
+    with pytest.raises(SystemExit, match=r"^error: memory step 'resnet-0' / 'plain "
+                                         r"inference' failed \(exit 1\): \S") as e:
+        memory.run_child("resnet-0", "plain inference")
+    assert "\n" not in str(e.value)
+
+
 def test_onednn_peak_kernel_computes_the_product_it_is_credited_with():
     from benchmarks import throughput
 

@@ -85,6 +85,20 @@ def test_a_source_without_a_checkpoint_is_refused(source, tmp_path):
         train(BASE.replace(epochs=3), run_dir=tmp_path / "b", branch_from=bare)
 
 
+def test_a_source_missing_metrics_rows_or_a_branch_without_a_new_directory_is_refused(
+        source, tmp_path):
+    cut = tmp_path / "cut"
+    shutil.copytree(source, cut)
+    RunDir(cut).write_metrics(_rows(cut)[:-1])  # a checkpoint ahead of its metrics
+    with pytest.raises(ConfigError, match="metrics.jsonl lacks some of the .* resume that run"):
+        train(BASE.replace(epochs=3), run_dir=tmp_path / "b", branch_from=cut)
+    with pytest.raises(ConfigError, match="a branch needs a new run directory"):
+        train(BASE.replace(epochs=3), branch_from=source)
+    with pytest.raises(ConfigError, match="a branch needs a new run directory"):
+        train(BASE.replace(epochs=3), run_dir=tmp_path / "c", resume=True, branch_from=source)
+    assert not (tmp_path / "b").exists()
+
+
 def test_cli_branch_takes_the_source_config_and_changes_only_the_flags(source, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["train", "--branch", str(source), "--out", str(out), "--epochs", "3",
