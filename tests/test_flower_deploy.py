@@ -4,7 +4,8 @@ the ``flwr`` CLI exactly as flower-app/README.md does it.
 - TLS on, 2 SuperNodes, ``flwr run``: the run completes, both clients are accepted every
   round, and the numbers equal the in-process simulator's.
 - A SuperNode SIGKILLed after the first round does not kill the run: the next round
-  logs it as a rejection and trains on the survivor.
+  logs it as a rejection and trains on the survivor. One restarted with a ``state-dir``
+  carries its kept optimizer on.
 - ``flwr run`` on a simulation-mode SuperLink (virtual SuperNodes on Ray).
 Each test starts its own processes and stops all of them, descendants included; every
 socket they listen on must be on 127.0.0.1.
@@ -217,6 +218,48 @@ def test_kept_optimizers_outlive_the_flower_run_on_nodes_with_a_state_dir(tmp_pa
     ref = train(cfg).metrics
     assert [r["train_loss"] for r in got] == pytest.approx([r["train_loss"] for r in ref],
                                                            rel=1e-5)
+
+
+@needs_flower
+@pytest.mark.slow
+def test_a_supernode_restarted_mid_run_resumes_its_kept_optimizer_from_its_state_dir(
+        tmp_path, certs):
+    """Epoch mode, kept Adam, 2 SuperNodes with ``state-dir``. After round 0, SuperNode 1
+    is SIGKILLed and started again: it misses a round and comes back as a new node with an
+    empty Context.state. The server replays client 1 from the state it kept, and the node
+    starts from the same one only if it read its state file: the server's copy then has 2
+    Adam steps for every round client 1 was accepted in (a fresh start would give 2 per
+    round since the restart only)."""
+    from baffle.flower.launch import LocalFlower, _alive
+
+    run_dir, state = tmp_path / "run", tmp_path / "state"
+    overrides = {"K": 4, "rounds": 4, "mode": "epoch", "local-steps": 2,
+                 "seed-sharing": "client", "client-optimizer": "keep",
+                 "run-dir": str(run_dir), "round-timeout": 40.0}
+    fl = LocalFlower(tmp_path / "flower", supernodes=2, certs=certs, state_dir=state)
+    try:
+        fl.start()
+        run_id = fl.submit(APP, overrides)
+        deadline = time.monotonic() + 150
+        while not rows(run_dir):
+            assert time.monotonic() < deadline, "first round never finished"
+            time.sleep(0.2)
+        fl.restart_node(1)
+        st = fl.wait(run_id, timeout=300)
+        assert st["status"] == "finished:completed", fl.logs(run_id)[-3000:]
+    finally:
+        started = fl.pids()
+        fl.stop()
+        assert not [p for p in started if _alive(p)], "processes outlived stop()"
+    got = rows(run_dir)
+    assert [r["round"] for r in got] == [0, 1, 2, 3]
+    one_in = [r["accepted"] == 2 for r in got]  # client 0 never leaves
+    assert one_in[0] and not one_in[1], (one_in, [r["rejections"] for r in got])
+    back = sum(one_in[2:])
+    assert back, f"the restarted node never came back: {[r['rejections'] for r in got]}"
+    kept = torch.load(run_dir / "checkpoint.pt", weights_only=False)["server"]["client_optim"]
+    steps = {c: int(s["state"][0]["step"]) for c, s in kept.items()}
+    assert steps == {0: 8, 1: 2 * (1 + back)}, (steps, one_in)
 
 
 @needs_flower

@@ -319,9 +319,10 @@ class LocalFlower:
 
     def _start_supernode(self, i: int) -> subprocess.Popen[bytes]:
         port = self.port
-        if self.count_bytes:
-            self.counters.append(ByteCounter((HOST, self.port)))
-            port = self.counters[-1].port
+        if self.count_bytes:  # one counter per node index; a restarted node reuses its own
+            if i == len(self.counters):
+                self.counters.append(ByteCounter((HOST, self.port)))
+            port = self.counters[i].port
         root = ["--root-certificates", str(self.certs / "ca.crt")] if self.certs else []
         args = [_bin("flower-supernode"), *(root or ["--insecure"]),
                 "--superlink", f"{HOST}:{port}", "--host", HOST, "--port", str(free_port()),
@@ -397,6 +398,13 @@ class LocalFlower:
         if p is not None:
             _signal(process_tree([p.pid]), sig)
             p.wait(timeout=30)
+
+    def restart_node(self, i: int) -> None:
+        """SIGKILL SuperNode ``i`` (and everything it started), then start it again with
+        the same node config: a machine that crashed and came back. It registers as a new
+        node; its ``Context.state`` starts empty."""
+        self.kill_node(i)
+        self.nodes[i] = self._start_supernode(i)
 
     def pids(self) -> list[int]:
         """Every live process this deployment started, with their descendants."""
