@@ -121,6 +121,33 @@ def test_passes_curve_is_cached_per_config_and_reread(tmp_path, monkeypatch):
         passes.curve(cfg.replace(seed=1))
 
 
+def test_passes_keys_outlive_a_config_field_added_at_its_default():
+    """A curve saved before a field existed keeps its key once the field is added at its
+    default; the same field set otherwise gets another key."""
+    from dataclasses import dataclass
+
+    from baffle import TrainConfig
+    from benchmarks import passes
+
+    @dataclass(frozen=True)
+    class Later(TrainConfig):
+        added: int = 3
+
+    base = dict(dataset="digits", clients=2, K=3, seed_sharing="client")
+    assert passes.cache_file(Later(**base)) == passes.cache_file(TrainConfig(**base))
+    assert passes.cache_file(Later(**base, added=4)) != passes.cache_file(TrainConfig(**base))
+    assert passes.cache_file(TrainConfig(**{**base, "K": 4})) != passes.cache_file(TrainConfig(**base))
+
+
+def test_every_passes_variant_has_its_saved_curves():
+    """The committed curves cover every variant, so the table rebuilds without training."""
+    from benchmarks import passes
+
+    missing = [(v.name, s) for v in passes.VARIANTS for s in passes.SEEDS
+               if not passes.cache_file(v.config(s)).exists()]
+    assert not missing, missing
+
+
 def test_accuracy_rows_print_a_command_the_cli_accepts():
     from baffle.cli import parser
     from benchmarks import accuracy
