@@ -175,8 +175,8 @@ def main() -> None:
     fig.savefig(figure, dpi=100)
     plt.close(fig)
     body = (
-        f"digits, LeNet (no norm, Hardswish), C={BASE.clients} iid, Adam lr {BASE.lr} unless named, EMA, "
-        f"batch {BASE.batch_size}, FedSGD unless named, {BASE.epochs} epochs for every "
+        f"digits, LeNet (no norm, Hardswish), C={BASE.clients} iid, Adam lr {BASE.lr} unless "
+        f"named, EMA, batch {BASE.batch_size}, FedSGD unless named, {BASE.epochs} epochs for every "
         f"variant, seeds {SEEDS}; sigma {BASE.sigma} unless named. Target: the reference's mean test top-1 "
         f"after {BASE.epochs} epochs, {target:.2f}%. Cost: forward passes per client until "
         "the seed-mean first reaches it (evaluated once per epoch). Curves trained with "
