@@ -78,6 +78,12 @@ VARIANTS = (
     # layer directions back? lr 0.3 was the better of 0.3 and 1.0 in a hand sweep
     Variant("forward, K=100, client seeds, layer directions, SGD lr 0.3",
             dict(seed_sharing="client", perturb="layer", optimizer="sgd", lr=0.3)),
+    # a longer Adam first moment: it smooths each step, but the steps' summed noise, which
+    # is what moves the weights over many rounds, does not shrink with beta1
+    Variant("forward, K=100, client seeds, layer directions, Adam betas (0.95, 0.99)",
+            dict(seed_sharing="client", perturb="layer", betas=(0.95, 0.99))),
+    Variant("forward, K=100, client seeds, layer directions, Adam betas (0.99, 0.999)",
+            dict(seed_sharing="client", perturb="layer", betas=(0.99, 0.999))),
     # epoch mode: one local epoch of BAFFLE steps per round, same passes per epoch; each
     # client's Adam fresh every round, or kept from round to round (--client-optimizer keep)
     Variant("epoch mode, K=100, client seeds", dict(mode="epoch", seed_sharing="client")),
