@@ -74,6 +74,12 @@ RUNS: dict[str, dict[str, Any]] = {
     "baffle-fedsgd-client-layer-decay-k500": dict(mode="fedsgd", seed_sharing="client",
                                                   perturb="layer", lr_milestones=(10, 15),
                                                   lr_gamma=0.2, K=500),
+    # the decayed layer recipe with conv2 given 60 of every 100 directions (--layer-cycle):
+    # conv1 and the classifier learn early and need fewer; the last points need conv2
+    "baffle-fedsgd-client-layer262-decay": dict(mode="fedsgd", seed_sharing="client",
+                                                perturb="layer",
+                                                layer_cycle=(0, 1, 2, 1, 1, 1, 0, 1, 2, 1),
+                                                lr_milestones=(10, 15), lr_gamma=0.2),
     "bp-fedsgd": dict(method="bp-fedsgd"),
     "bp-fedavg": dict(method="bp-fedavg"),
 }
@@ -99,6 +105,9 @@ WHY = {  # what each run asks, printed beside its command
                                              "epoch 15 (a K schedule)",
     "baffle-fedsgd-client-layer-decay-k500": "the authors' default K=500 with layer directions "
                                              "and the lr decay",
+    "baffle-fedsgd-client-layer262-decay": "layer directions and the lr decay, with conv2 "
+                                           "moved by 60% of the directions and conv1 and the "
+                                           "classifier by 20% each",
     "bp-fedsgd": "backprop, one step per round",
     "bp-fedavg": "backprop, one local epoch per round",
 }

@@ -58,6 +58,8 @@ def test_app_config_lists_every_train_config_field_and_parses():
     assert kept.client_optimizer == "keep"
     with pytest.raises(ConfigError, match="applies to local epochs"):
         config_from_run_config({**cfg, "client-optimizer": "keep"})  # fedsgd: refused
+    cycled, _ = config_from_run_config({**cfg, "perturb": "layer", "layer-cycle": "0,1,1,2"})
+    assert cycled.layer_cycle == (0, 1, 1, 2)
 
 
 # -- helpers ---------------------------------------------------------------------------

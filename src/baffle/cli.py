@@ -46,7 +46,12 @@ HELP = {
     "seed_sharing": f"{' | '.join(SEED_SHARING)}: one seed per round for all clients "
                     "(secure-aggregation compatible) or one per client (C*K directions)",
     "perturb": "all: every direction moves every weight (the paper) | layer: direction k moves "
-               "only layer k mod L, and each layer averages its own directions",
+               "only layer k mod L (or per --layer-cycle), and each layer averages its own "
+               "directions",
+    "layer_cycle": "with --perturb layer: direction k moves layer c[k mod len(c)] (layers "
+                   "numbered from the input: LeNet 0 conv1, 1 conv2, 2 classifier), e.g. "
+                   "0,1,2,1,1,1,0,1,2,1 gives conv2 60 of every 100 directions (default "
+                   "0,1,...,L-1: equal shares)",
     "sampler": "how directions are drawn: torch (a generator per direction and tensor) | "
                "counter (a hash of the entry's index: one batch per tensor, for GPUs)",
     "engine": "batched (K perturbed models as one grouped pass) | sequential (one functional "

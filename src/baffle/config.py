@@ -58,6 +58,7 @@ class TrainConfig:
     scheme: str = "forward"  # forward (K+1 passes) | central (2K passes)
     seed_sharing: str = "round"  # round: one seed for all clients | client: one per client
     perturb: str = "all"  # all: each direction moves every weight | layer: only layer k mod L
+    layer_cycle: tuple[int, ...] = ()  # layer: direction k moves layer c[k mod len(c)]
     sampler: str = "torch"  # how directions are drawn: torch generators | counter (GPU)
     engine: str = "auto"  # auto | batched | inplace | sequential | vmap
     chunk: int = 32  # perturbed models per batched pass
@@ -127,6 +128,10 @@ def validate(c: TrainConfig) -> None:
     choose("seed sharing", c.seed_sharing, SEED_SHARING)
     choose("split", c.split, SPLITS)
     choose("perturb", c.perturb, PERTURB)
+    if c.layer_cycle and c.perturb != "layer":
+        raise ConfigError("--layer-cycle applies to --perturb layer")
+    if any(b < 0 for b in c.layer_cycle):
+        raise ConfigError(f"--layer-cycle holds layer numbers 0, 1, ... (got {c.layer_cycle})")
     choose("sampler", c.sampler, SAMPLERS)
     choose("client optimizer", c.client_optimizer, CLIENT_OPTIMIZER)
     if c.client_optimizer == "keep" and c.round_mode != "epoch":

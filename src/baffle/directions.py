@@ -11,9 +11,12 @@ is ever touched. Values are float32, drawn on ``DirectionScheme.device`` and the
 
 A scheme may restrict each direction to one *block* of parameter tensors (``blocks[p]``
 is the block of tensor ``p``; ``layer_blocks`` makes one block per layer). With L blocks,
-direction ``k`` moves only block ``b(k) = k mod L`` and is zero elsewhere; its nonzero
-entries are the very draws above. Block b then gets ``K_b = #{k < K : k mod L = b}``
-directions of its own and the reconstruction averages within each block:
+direction ``k`` moves only block ``b(k) = c[k mod len(c)]`` and is zero elsewhere, for a
+fixed *cycle* ``c`` that names every block at least once (by default ``0, 1, ..., L-1``,
+so ``b(k) = k mod L``; a cycle such as ``0, 1, 1, 2`` gives block 1 half the directions).
+Its nonzero entries are the very draws above. Block b then gets
+``K_b = #{k < K : b(k) = b}`` directions of its own and the reconstruction averages
+within each block:
 
     g_b = 1/(K_b sigma) * sum_{k: b(k) = b} d_k eps_k      (forward; central halves it)
 
@@ -90,34 +93,59 @@ class DirectionScheme:
     device: str = "cpu"
     blocks: tuple[int, ...] = ()
     sampler: str = "torch"  # torch: one generator per (direction, tensor) | counter
+    cycle: tuple[int, ...] = ()  # direction k moves block cycle[k % len]; () = 0..L-1
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS} (got {self.sampler!r})")
         if self.blocks and sorted(set(self.blocks)) != list(range(max(self.blocks) + 1)):
             raise ValueError(f"blocks must number 0..L-1 with none skipped (got {self.blocks})")
+        if self.cycle and not self.blocks:
+            raise ValueError("a cycle of blocks needs blocks (layer directions)")
+        if self.cycle and sorted(set(self.cycle)) != list(range(self.n_blocks)):
+            raise ValueError(f"the cycle must name each of the {self.n_blocks} block(s) "
+                             f"0..{self.n_blocks - 1} at least once and no other "
+                             f"(got {self.cycle})")
+        if self.cycle == tuple(range(self.n_blocks)):  # the default, spelled out
+            object.__setattr__(self, "cycle", ())
 
     @functools.cached_property
     def n_blocks(self) -> int:  # cached: ``perturbs`` asks once per (direction, tensor)
         return max(self.blocks) + 1 if self.blocks else 1
 
+    @functools.cached_property
+    def _cycle(self) -> tuple[int, ...]:
+        return self.cycle or tuple(range(self.n_blocks))
+
+    def block_of(self, k: int) -> int:
+        """The block direction ``k`` moves: ``cycle[k mod len(cycle)]`` (0 without blocks)."""
+        return self._cycle[k % len(self._cycle)] if self.blocks else 0
+
     def perturbs(self, k: int, p: int) -> bool:
         """Whether direction ``k`` moves parameter tensor ``p`` (else it is zero there)."""
-        return not self.blocks or k % self.n_blocks == self.blocks[p]
+        return not self.blocks or self.block_of(k) == self.blocks[p]
 
-    def moving(self, p: int, K: int) -> range:
-        """The directions k < K that move tensor ``p``: all, or its block's b, b+L, ..."""
-        return range(self.blocks[p], K, self.n_blocks) if self.blocks else range(K)
+    def moving(self, p: int, K: int) -> Sequence[int]:
+        """The directions k < K that move tensor ``p``, ascending: all, or its block's
+        (b, b+L, ... under the default cycle)."""
+        if not self.blocks:
+            return range(K)
+        if not self.cycle:
+            return range(self.blocks[p], K, self.n_blocks)
+        return [k for k in range(K) if self.block_of(k) == self.blocks[p]]
 
     def weights(self, K: int) -> list[float]:
         """K / K_b(k) for k < K: the per-direction factors of the blockwise average (all
         1 without blocks). Raises ``ConfigError`` if some block would get no direction."""
-        L = self.n_blocks
-        if K < L:
-            raise ConfigError(f"K={K} leaves some of the {L} perturbed layers without a "
-                              f"direction: use K >= {L} or --perturb all")
-        counts = [len(range(b, K, L)) for b in range(L)]
-        return [K / counts[k % L] for k in range(K)]
+        cycle = self._cycle
+        need = max(cycle.index(b) for b in range(self.n_blocks)) + 1  # first K covering all
+        if K < need:
+            raise ConfigError(f"K={K} leaves some of the {self.n_blocks} perturbed layers "
+                              f"without a direction: use K >= {need} or --perturb all")
+        counts = [0] * self.n_blocks
+        for k in range(K):
+            counts[self.block_of(k)] += 1
+        return [K / counts[self.block_of(k)] for k in range(K)]
 
     def generator(self, seed: int, k: int, p: int) -> torch.Generator:
         """The dedicated generator of direction ``k``, parameter tensor ``p``."""
@@ -130,10 +158,10 @@ class DirectionScheme:
         return derive_seed(self.version, "counter", seed, p)
 
     def fingerprint(self) -> str:
-        """12 hex digits: a hash of the version, the device type, the sampler, the blocks
-        and a probe draw."""
+        """12 hex digits: a hash of the version, the device type, the sampler, the blocks,
+        their cycle and a probe draw."""
         return _fingerprint(self.version, torch.device(self.device).type, self.blocks,
-                            self.sampler)
+                            self.sampler, self.cycle)
 
     def check(self, version: str, fingerprint: str) -> None:
         """Raise ``SchemeMismatchError`` unless a peer's (version, fingerprint) is ours."""
@@ -148,18 +176,22 @@ class DirectionScheme:
                 f"direction fingerprint {fingerprint} does not match ours ({mine}, device "
                 f"{self.device}, {self.sampler} sampler, {self.n_blocks} block(s), torch "
                 f"{torch.__version__}): server and clients would draw different directions; "
-                "use the same torch version, generation device, --sampler, model and --perturb"
+                "use the same torch version, generation device, --sampler, model, --perturb "
+                "and --layer-cycle"
             )
 
 
 @functools.lru_cache(maxsize=8)
-def _fingerprint(version: str, device: str, blocks: tuple[int, ...], sampler: str) -> str:
+def _fingerprint(version: str, device: str, blocks: tuple[int, ...], sampler: str,
+                 cycle: tuple[int, ...] = ()) -> str:
     scheme = DirectionScheme(version, device, sampler=sampler)
     h = hashlib.sha256(version.encode() + b"|" + device.encode())
     if blocks:  # the dense scheme keeps the fingerprint it always had
         h.update(b"|blocks:" + ",".join(map(str, blocks)).encode())
     if sampler != "torch":  # and so does the default sampler
         h.update(b"|sampler:" + sampler.encode())
+    if cycle:  # and the default cycle 0..L-1
+        h.update(b"|cycle:" + ",".join(map(str, cycle)).encode())
     for p, shape in enumerate(_PROBE_SHAPES):
         draw = directions(scheme, 12345, range(p, p + 1), p, shape)[0]
         h.update(draw.cpu().numpy().tobytes())

@@ -33,7 +33,7 @@ import logging
 import operator
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -363,21 +363,22 @@ class _Stacked:
                 and not isinstance(self.plan.modules[arg.target], nn.Flatten))
 
 
-def block_chunks(K: int, chunk: int, blocks: tuple[int, ...], n_params: int
-                 ) -> list[tuple[range, set[int]]]:
+def block_chunks(K: int, chunk: int, blocks: tuple[int, ...], n_params: int,
+                 cycle: tuple[int, ...] = ()) -> list[tuple[Sequence[int], set[int]]]:
     """The passes of one estimate: (directions, parameter tensors they move).
 
     Dense directions: ``range(K)`` in chunks, each moving every tensor. With L blocks
-    (``DirectionScheme.blocks``), direction k moves only block k mod L, so each chunk
-    takes directions of one block (b, b+L, b+2L, ...) and moves only that block's tensors.
+    (``DirectionScheme.blocks``), direction k moves only block ``cycle[k mod len(cycle)]``
+    (by default k mod L), so each chunk takes directions of one block, ascending, and
+    moves only that block's tensors.
     """
     chunk = max(1, chunk)
     if not blocks:
         return [(range(s, min(K, s + chunk)), set(range(n_params))) for s in range(0, K, chunk)]
-    L = max(blocks) + 1
+    scheme = DirectionScheme(blocks=blocks, cycle=cycle)
     out = []
-    for b in range(L):
-        ks = range(b, K, L)
+    for b in range(scheme.n_blocks):
+        ks = scheme.moving(blocks.index(b), K)
         moved = {i for i, blk in enumerate(blocks) if blk == b}
         out += [(ks[s:s + chunk], moved) for s in range(0, len(ks), chunk)]
     return out
@@ -395,11 +396,13 @@ def grouped_losses(
     chunk: int,
     blocks: tuple[int, ...] = (),
     reuse: bool = True,
+    cycle: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """L(W + step * eps_k) for k < K, ``chunk`` perturbed models per grouped pass.
 
-    With ``blocks`` (layer directions) a pass perturbs one block only, so every layer
-    that no perturbed weight reaches computes the unperturbed value. With ``reuse`` those
+    With ``blocks`` (layer directions; ``cycle`` says which block each direction moves)
+    a pass perturbs one block only, so every layer that no perturbed weight reaches
+    computes the unperturbed value. With ``reuse`` those
     values come from one unperturbed pass recorded up front (it costs the sum of one
     pass's activations at batch size): a direction on layer b then runs only layer b and
     the layers after it.
@@ -411,7 +414,7 @@ def grouped_losses(
         _Stacked(plan_, {}, 1, cl, record=base).run(xx)
     out = torch.empty(K)
     tensors = list(params.values())
-    for ks, moved in block_chunks(K, chunk, blocks, len(tensors)):
+    for ks, moved in block_chunks(K, chunk, blocks, len(tensors), cycle):
         perturbed = {
             id(p): p.unsqueeze(0) + step * draw(ks, i, p.shape, p.device)
             for i, p in enumerate(tensors) if i in moved

@@ -241,7 +241,7 @@ def loss_differences(
             assert plan is not None
             try:
                 return eng.grouped_losses(plan, loss_fn, x, y, params, draw, spec.K, step,
-                                          choice.chunk, dirs.blocks, choice.reuse)
+                                          choice.chunk, dirs.blocks, choice.reuse, dirs.cycle)
             except eng.Unsupported as e:  # found only at run time (e.g. Linear on 3-D input)
                 log.debug("grouped engine failed on %s (%s); using vmap", type(model).__name__, e)
                 return eng.vmap_losses(lambda pt: loss_at(pt, x_orig), params, draw, spec.K,

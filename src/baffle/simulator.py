@@ -137,11 +137,17 @@ def setup(
 
 def direction_scheme(config: TrainConfig, model: nn.Module) -> DirectionScheme:
     """The run's direction scheme: generation device, and one block per layer under
-    ``--perturb layer``. A K (or K-schedule value) below the layer count is refused."""
+    ``--perturb layer``, taken in ``--layer-cycle`` order. A K (or K-schedule value) that
+    leaves a layer without a direction is refused."""
     names = list(trainable_params(model))
     blocks = layer_blocks(names) if config.perturb == "layer" else ()
+    cycle, L = config.layer_cycle, max(blocks, default=0) + 1
+    if cycle and sorted(set(cycle)) != list(range(L)):
+        raise ConfigError(f"--layer-cycle must name each of the model's {L} layers "
+                          f"0..{L - 1} at least once, and no other (got "
+                          f"{','.join(map(str, cycle))})")
     dirs = DirectionScheme(device=_dir_device(config.device), blocks=blocks,
-                           sampler=config.sampler)
+                           sampler=config.sampler, cycle=cycle)
     if config.is_baffle:
         for K in (config.K, *config.K_values):
             dirs.weights(K)
