@@ -80,6 +80,11 @@ RUNS: dict[str, dict[str, Any]] = {
                                                 perturb="layer",
                                                 layer_cycle=(0, 1, 2, 1, 1, 1, 0, 1, 2, 1),
                                                 lr_milestones=(10, 15), lr_gamma=0.2),
+    # and the other way: conv1 and the classifier 40% each, conv2 20%
+    "baffle-fedsgd-client-layer424-decay": dict(mode="fedsgd", seed_sharing="client",
+                                                perturb="layer",
+                                                layer_cycle=(0, 2, 1, 0, 2, 0, 2, 1, 0, 2),
+                                                lr_milestones=(10, 15), lr_gamma=0.2),
     "bp-fedsgd": dict(method="bp-fedsgd"),
     "bp-fedavg": dict(method="bp-fedavg"),
 }
@@ -108,6 +113,9 @@ WHY = {  # what each run asks, printed beside its command
     "baffle-fedsgd-client-layer262-decay": "layer directions and the lr decay, with conv2 "
                                            "moved by 60% of the directions and conv1 and the "
                                            "classifier by 20% each",
+    "baffle-fedsgd-client-layer424-decay": "layer directions and the lr decay, with conv1 and "
+                                           "the classifier moved by 40% of the directions "
+                                           "each and conv2 by 20%",
     "bp-fedsgd": "backprop, one step per round",
     "bp-fedavg": "backprop, one local epoch per round",
 }

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("seed_sharing", "passes", "layer_shares", "throughput", "samplers", "memory",
-              "compute_vs_bp", "communication", "scaling", "flower", "gpu",
+BENCHMARKS = ("seed_sharing", "passes", "layer_shares", "frozen_layers", "throughput",
+              "samplers", "memory", "compute_vs_bp", "communication", "scaling", "flower", "gpu",
               "accuracy")  # accuracy trains for hours on a CPU: run it last
 
 

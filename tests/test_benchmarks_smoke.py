@@ -293,3 +293,21 @@ def test_gpu_accuracy_runs_live_apart_from_the_cpu_ones(device, folder):
                           "print(accuracy.OUT)"], capture_output=True, text=True, check=True,
                          env={**os.environ, "BAFFLE_ACC_DEVICE": device})
     assert out.stdout.strip().endswith(f"runs/{folder}")
+
+
+def test_frozen_layers_leaves_the_frozen_layer_at_its_init_and_trains_the_rest(mnist_dir):
+    """One epoch on 19,200 real MNIST images (60 steps): conv2 keeps its initial weights
+    bit for bit, every other weight moves, and test accuracy rises above the init's."""
+    from baffle.data.mnist import load_mnist
+    from baffle.models import build_model
+    from benchmarks import frozen_layers
+
+    data = load_mnist(mnist_dir)
+    init = build_model("lenet", num_classes=10, in_channels=1, norm="none",
+                       activation="hardswish", generator=torch.Generator().manual_seed(0))
+    model, curve = frozen_layers.train_curve(data, ("features.4",), 1, limit=19200)
+    before = dict(init.named_parameters())
+    for name, p in model.named_parameters():
+        same = torch.equal(p, before[name])
+        assert same == name.startswith("features.4."), name
+    assert len(curve) == 1 and curve[0] > frozen_layers.test_top1(init, data) + 5
