@@ -232,10 +232,15 @@ def test_the_recorded_pass_survives_in_place_activations():
     assert grouped_plan(model) is not None
     x, y = torch.randn(4, 1, 6, 6), torch.tensor([0, 1, 2, 1])
     dirs = DirectionScheme(blocks=layer_blocks([n for n, _ in model.named_parameters()]))
-    spec = EstimatorSpec(9, 1e-3)
-    ref = loss_differences(model, nn.functional.cross_entropy, x, y, 2, spec, dirs, "sequential")
+    _assert_batched_is_sequential(model, x, y, dirs, EstimatorSpec(9, 1e-3), seed=2)
+
+
+def _assert_batched_is_sequential(model, x, y, dirs, spec, seed):
+    """The grouped engine at chunks 1 and 3 against one functional_call per direction."""
+    ref = loss_differences(model, nn.functional.cross_entropy, x, y, seed, spec, dirs,
+                           "sequential")
     for chunk in (1, 3):
-        est = loss_differences(model, nn.functional.cross_entropy, x, y, 2, spec, dirs,
+        est = loss_differences(model, nn.functional.cross_entropy, x, y, seed, spec, dirs,
                                "batched", chunk)
         torch.testing.assert_close(est.diffs, ref.diffs, rtol=0, atol=2e-6)
 
@@ -303,12 +308,7 @@ def test_the_grouped_engine_follows_the_cycle():
     model, x, y = _lenet_batch()
     dirs = DirectionScheme(blocks=layer_blocks([n for n, _ in model.named_parameters()]),
                            cycle=(1, 0, 2, 1, 1))
-    spec = EstimatorSpec(13, 1e-3)
-    ref = loss_differences(model, nn.functional.cross_entropy, x, y, 4, spec, dirs, "sequential")
-    for chunk in (1, 3):
-        est = loss_differences(model, nn.functional.cross_entropy, x, y, 4, spec, dirs,
-                               "batched", chunk)
-        torch.testing.assert_close(est.diffs, ref.diffs, rtol=0, atol=2e-6)
+    _assert_batched_is_sequential(model, x, y, dirs, EstimatorSpec(13, 1e-3), seed=4)
     chunks = eng.block_chunks(13, 3, dirs.blocks, 6, dirs.cycle)
     assert sorted(k for ks, _ in chunks for k in ks) == list(range(13))
     for ks, moved in chunks:
