@@ -75,7 +75,7 @@ RUNS: dict[str, dict[str, Any]] = {
                                                   perturb="layer", lr_milestones=(10, 15),
                                                   lr_gamma=0.2, K=500),
     # the decayed layer recipe with conv2 given 60 of every 100 directions (--layer-cycle):
-    # conv1 and the classifier learn early and need fewer; the last points need conv2
+    # is conv2, the layer that must learn for the last points (frozen_layers), short of them?
     "baffle-fedsgd-client-layer262-decay": dict(mode="fedsgd", seed_sharing="client",
                                                 perturb="layer",
                                                 layer_cycle=(0, 1, 2, 1, 1, 1, 0, 1, 2, 1),

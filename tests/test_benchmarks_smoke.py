@@ -310,4 +310,4 @@ def test_frozen_layers_leaves_the_frozen_layer_at_its_init_and_trains_the_rest(m
     for name, p in model.named_parameters():
         same = torch.equal(p, before[name])
         assert same == name.startswith("features.4."), name
-    assert len(curve) == 1 and curve[0] > frozen_layers.test_top1(init, data) + 5
+    assert len(curve) == 1 and curve[0] > frozen_layers.top1(init, data) + 5
