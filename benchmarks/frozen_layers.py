@@ -20,20 +20,12 @@ import torch.nn.functional as F
 from baffle.data.dataset import DataBundle
 from baffle.data.mnist import load_mnist
 from baffle.models import build_model
+from baffle.simulator import evaluate
 from benchmarks.accuracy import MNIST
 from benchmarks.common import table, write_section
 
 EPOCHS, BATCH = 20, 320
 FROZEN = {"every layer trained": (), "conv2 frozen at its initial weights": ("features.4",)}
-
-
-def top1(model: torch.nn.Module, data: DataBundle) -> float:
-    """Test top-1 accuracy in percent."""
-    with torch.no_grad():
-        hits = sum(int((model(data.test.x[i:i + 1000]).argmax(1)
-                        == data.test.y[i:i + 1000]).sum())
-                   for i in range(0, len(data.test.y), 1000))
-    return 100.0 * hits / len(data.test.y)
 
 
 def train_curve(data: DataBundle, frozen: tuple[str, ...], epochs: int,
@@ -56,7 +48,7 @@ def train_curve(data: DataBundle, frozen: tuple[str, ...], epochs: int,
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
-        curve.append(top1(model, data))
+        curve.append(evaluate(model, data.test, "cpu")["top1"])
     return model, curve
 
 

@@ -300,6 +300,7 @@ def test_frozen_layers_leaves_the_frozen_layer_at_its_init_and_trains_the_rest(m
     bit for bit, every other weight moves, and test accuracy rises above the init's."""
     from baffle.data.mnist import load_mnist
     from baffle.models import build_model
+    from baffle.simulator import evaluate
     from benchmarks import frozen_layers
 
     data = load_mnist(mnist_dir)
@@ -310,4 +311,4 @@ def test_frozen_layers_leaves_the_frozen_layer_at_its_init_and_trains_the_rest(m
     for name, p in model.named_parameters():
         same = torch.equal(p, before[name])
         assert same == name.startswith("features.4."), name
-    assert len(curve) == 1 and curve[0] > frozen_layers.top1(init, data) + 5
+    assert len(curve) == 1 and curve[0] > evaluate(init, data.test, "cpu")["top1"] + 5
