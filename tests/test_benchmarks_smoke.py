@@ -312,3 +312,21 @@ def test_frozen_layers_leaves_the_frozen_layer_at_its_init_and_trains_the_rest(m
         same = torch.equal(p, before[name])
         assert same == name.startswith("features.4."), name
     assert len(curve) == 1 and curve[0] > evaluate(init, data.test, "cpu")["top1"] + 5
+
+
+def test_ema_horizon_averages_one_trajectory_without_changing_it():
+    """The benchmark's callback sees the very run ``train`` makes (its per-epoch EMA column
+    is the run's own test accuracy), a per-round EMA with decay 0 is the raw weights, and
+    a tail mean differs from both."""
+    from baffle.config import TrainConfig
+    from baffle.data.registry import load_dataset
+    from benchmarks import ema_horizon
+
+    cfg = TrainConfig(dataset="digits", clients=2, K=4, lr=0.03, epochs=3, perturb="layer",
+                      lr_milestones=(2,), lr_gamma=0.2)
+    curves = ema_horizon.measure(cfg, load_dataset("digits"), decays=(0.0, 0.9))
+    plain = [m["test_top1"] for m in train(cfg).metrics if "test_top1" in m]
+    assert curves["authors' EMA (per epoch)"] == plain and len(plain) == 3
+    assert curves["EMA 0.0 per round"] == curves["raw weights"]
+    assert curves["mean since the last lr change"] != curves["raw weights"]
+    assert curves["EMA 0.9 per round"] != curves["raw weights"]

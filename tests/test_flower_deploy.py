@@ -60,6 +60,8 @@ def test_app_config_lists_every_train_config_field_and_parses():
         config_from_run_config({**cfg, "client-optimizer": "keep"})  # fedsgd: refused
     cycled, _ = config_from_run_config({**cfg, "perturb": "layer", "layer-cycle": "0,1,1,2"})
     assert cycled.layer_cycle == (0, 1, 1, 2)
+    per_round, _ = config_from_run_config({**cfg, "ema-every": "round"})
+    assert per_round.ema_every == "round"
 
 
 # -- helpers ---------------------------------------------------------------------------

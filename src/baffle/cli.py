@@ -75,7 +75,9 @@ HELP = {
     "lr_gamma": "lr decay factor at each milestone",
     "warmup_lr": "first-epoch lr (-1 = authors' rule: 0.02 except on MNIST/digits; 0 = off)",
     "ema": "evaluate an EMA of the weights (true/false)",
-    "ema_decay": "EMA decay (updated once per epoch, with warm-up)",
+    "ema_decay": "EMA decay d, with warm-up min(d, (1+t)/(10+t)) at update t",
+    "ema_every": "epoch: one EMA update per epoch (the authors') | round: one per round, "
+                 "averaging about 1/(1-d) rounds",
     "seed": "run seed: data split, init, directions, sampling",
     "device": "cpu or cuda",
     "client_optimizer": "local epochs (epoch mode, bp-fedavg): fresh (a new local optimizer "

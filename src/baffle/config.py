@@ -26,6 +26,7 @@ SEED_SHARING = ("round", "client")
 SPLITS = ("iid", "dirichlet", "shards")
 PERTURB = ("all", "layer")
 CLIENT_OPTIMIZER = ("fresh", "keep")
+EMA_EVERY = ("epoch", "round")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class TrainConfig:
     warmup_lr: float = -1.0  # first-epoch lr; -1 = the authors' rule (0.02 except MNIST/digits)
     ema: bool = True
     ema_decay: float = 0.995
+    ema_every: str = "epoch"  # one EMA update per epoch (the authors') or per round
     # bookkeeping
     seed: int = 0
     device: str = "cpu"
@@ -134,6 +136,7 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"--layer-cycle holds layer numbers 0, 1, ... (got {c.layer_cycle})")
     choose("sampler", c.sampler, SAMPLERS)
     choose("client optimizer", c.client_optimizer, CLIENT_OPTIMIZER)
+    choose("ema every", c.ema_every, EMA_EVERY)
     if c.client_optimizer == "keep" and c.round_mode != "epoch":
         raise ConfigError("--client-optimizer keep applies to local epochs (--mode epoch or "
                           "--method bp-fedavg)")

@@ -375,7 +375,7 @@ def finish_round(fed: Federation, r: int, lr: float, sampled: Sequence[int],
     for x in rejected:
         log.warning("round %d: rejected client %s: %s", r, x["client"], x["reason"])
     end_of_epoch = (r + 1) % fed.rounds_per_epoch == 0
-    if server.ema is not None and end_of_epoch:
+    if server.ema is not None and (end_of_epoch or cfg.ema_every == "round"):
         server.ema.update(server.model)
     fed.cache = None
     record = round_record(fed, r, lr, sampled, accepted, rejected, time.perf_counter() - started)
