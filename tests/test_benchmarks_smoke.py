@@ -330,3 +330,28 @@ def test_ema_horizon_averages_one_trajectory_without_changing_it():
     assert curves["EMA 0.0 per round"] == curves["raw weights"]
     assert curves["mean since the last lr change"] != curves["raw weights"]
     assert curves["EMA 0.9 per round"] != curves["raw weights"]
+
+
+def test_ema_horizon_report_states_the_gain_and_when_each_decay_binds(
+        mnist_dir, tmp_path, monkeypatch):
+    """The section's arithmetic from saved curves (no training): per-round gain over the
+    per-epoch EMA, the spread of the last column, the round each decay takes over."""
+    from benchmarks import ema_horizon
+
+    labels = ["raw weights", "authors' EMA (per epoch)",
+              *(f"EMA {d} per round" for d in ema_horizon.DECAYS),
+              "mean since the last lr change"]
+    curves = {k: [50.0 + i for i in range(20)] for k in labels}
+    curves["EMA 0.99 per round"] = [52.0 + i for i in range(19)] + [68.5]  # +2 then -0.5
+    results = tmp_path / "ema_horizon.json"
+    results.write_text(json.dumps({"machine": "test", "curves": curves}))
+    monkeypatch.setattr(ema_horizon, "RESULTS", results)
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    monkeypatch.setenv("BAFFLE_EMA_REPORT_ONLY", "1")
+    ema_horizon.main()
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "+2.00 points after epoch 10 and -0.50 after epoch 20" in text
+    assert "+2.00 over epochs 1-10" in text and "+1.75 over epochs 11-20" in text
+    assert "between 68.50% and 69.00%" in text
+    assert "890 for 0.99, 1,790 for 0.995" in text and "3,420 rounds" in text
+    assert "differs from the accuracy section's saved" in text
