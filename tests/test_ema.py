@@ -25,7 +25,7 @@ def test_update_follows_the_warm_up_formula():
     lin = nn.Linear(3, 2)
     start = {n: p.detach().clone() for n, p in lin.named_parameters()}
     ema, seen = EMA.of(lin, 0.5), []
-    for step in range(5):  # d_t = 0.1, 0.18, 0.25, 0.31, then capped at 0.5 from t = 8 on
+    for step in range(12):  # d_t = 0.1, 0.18, 0.25, ... (1+t)/(10+t), capped at 0.5 from t = 8
         with torch.no_grad():
             for p in lin.parameters():
                 p.add_(float(step + 1))
