@@ -39,8 +39,7 @@ from baffle import TrainConfig, train
 from baffle.data.dataset import ArrayDataset, DataBundle
 from baffle.data.registry import load_dataset
 from baffle.ema import EMA
-from baffle.models import build_model
-from baffle.simulator import evaluate, setup
+from baffle.simulator import evaluate, initial_model, setup
 from benchmarks import accuracy
 from benchmarks.common import ROOT, machine, table, write_section
 
@@ -48,13 +47,6 @@ RUN = "baffle-fedsgd-client-layer-decay"
 DECAYS = (0.99, 0.995, 0.998, 0.999)
 RESULTS = ROOT / "benchmarks" / "results" / "ema_horizon.json"
 TARGET = 95.2
-
-
-def initial_model(config: TrainConfig, data: DataBundle) -> nn.Module:
-    """The model ``baffle.simulator.setup`` would build for ``config`` (same seed)."""
-    return build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
-                       norm=config.norm, activation=config.activation,
-                       generator=torch.Generator().manual_seed(config.seed))
 
 
 @dataclass

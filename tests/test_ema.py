@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from baffle.config import TrainConfig
+from baffle.data.registry import load_dataset
 from baffle.ema import EMA
 from baffle.errors import ConfigError
-from baffle.models import build_model
-from baffle.simulator import train
+from baffle.simulator import initial_model, train
 
 
 def by_hand(snapshots: list[dict[str, torch.Tensor]], start: dict[str, torch.Tensor],
@@ -53,8 +53,7 @@ CFG = TrainConfig(dataset="digits", clients=2, K=3, lr=0.03, epochs=2, ema=True,
 @pytest.mark.parametrize("every", ["epoch", "round"])
 def test_training_updates_the_ema_per_epoch_or_per_round(every):
     cfg = CFG.replace(ema_every=every)
-    model = build_model("lenet", num_classes=10, in_channels=1, norm=cfg.norm,
-                        activation=cfg.activation, generator=torch.Generator().manual_seed(0))
+    model = initial_model(cfg, load_dataset("digits"))
     start = {n: t.detach().clone() for n, t in model.state_dict().items()}
     snaps = Snapshots(model)
     res = train(cfg, model=model, callbacks=[snaps])

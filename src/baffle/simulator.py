@@ -112,10 +112,7 @@ def setup(
                       val_per_class=val_per_class, alpha=config.alpha,
                       shards_per_client=config.shards_per_client)
     if model is None:
-        model = build_model(config.model, num_classes=data.num_classes,
-                            in_channels=data.in_channels, norm=config.norm,
-                            activation=config.activation,
-                            generator=torch.Generator().manual_seed(config.seed))
+        model = initial_model(config, data)
     if config.is_baffle:
         check_no_batchnorm(model)
     model = model.to(config.device)
@@ -133,6 +130,14 @@ def setup(
     return Federation(config, data, split.clients, val, Server(model, optimizer, ema),
                       loss_fn or F.cross_entropy, EstimatorSpec(config.K, config.sigma,
                       config.scheme), dirs, rounds_per_epoch, total)
+
+
+def initial_model(config: TrainConfig, data: DataBundle) -> nn.Module:
+    """The model a run of ``config`` starts from: its architecture, initialised from
+    ``config.seed`` (pass it to ``train(model=...)`` to hold a reference while it trains)."""
+    return build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                       norm=config.norm, activation=config.activation,
+                       generator=torch.Generator().manual_seed(config.seed))
 
 
 def direction_scheme(config: TrainConfig, model: nn.Module) -> DirectionScheme:
