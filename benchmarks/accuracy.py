@@ -276,7 +276,9 @@ def report(records: dict[tuple[str, str], dict[str, Any]], epochs: int) -> None:
         f"epochs (the paper reports {PAPER}%). Runs train for {epochs} epochs; a run "
         "cut short reports the epochs it finished. `s per round` is the mean wall time of a "
         "round as logged (recorded since 2026-11-28); runs trained side by side shared the "
-        "machine (see how many under each run's machine below).\n\n"
+        "machine (see how many under each run's machine below). The per-epoch column is "
+        "rounded to 0.1 (95.16 prints as 95.2); the last, best and first >= 95.2% columns "
+        "use the unrounded top-1 on the 10,000 test images.\n\n"
         + table(["run", "trained on", "s per round", "epochs done",
                  "forward passes per client", "last test top-1 %",
                  "best %", "first >= 95.2%",

@@ -68,7 +68,6 @@ def main() -> None:
                  "after each epoch"], rows)
         + "\n\nWith conv2 left at its initialisation the other two layers fall well short of "
         "the target, so a run that reaches it has to train conv2, the layer BAFFLE "
-        "estimates worst; the accuracy section's best BAFFLE runs end only a little above "
-        "this ceiling."
+        "estimates worst."
     )
     write_section("frozen_layers", "What conv2 is worth: backprop with conv2 frozen", body)
