@@ -6,7 +6,8 @@ sharings and the backprop baselines; test top-1 against epochs and forward passe
 
 Each run lives in ``runs/accuracy/<name>`` (``runs/accuracy-gpu/<name>`` on a GPU) and
 resumes where it stopped, so the command can be interrupted and re-run; a run named in
-``BRANCH_OF`` starts from its parent's checkpoint when that is exact (``baffle.branch``).
+``BRANCH_OF`` starts from its parent's checkpoint, or the latest one the parent kept
+(``keep_every``), where that is exact (``baffle.branch``).
 ``BAFFLE_ACC_EPOCHS`` (default 20) sets the length,
 ``BAFFLE_ACC_RUNS`` (comma-separated names) a subset, ``BAFFLE_MNIST_DIR`` the data
 (default ``../shared/data/mnist``); ``BAFFLE_ACC_REPORT_ONLY=1`` tabulates without training.
@@ -76,10 +77,11 @@ RUNS: dict[str, dict[str, Any]] = {
                                                   perturb="layer", lr_milestones=(10, 15),
                                                   lr_gamma=0.2, K=500),
     # K=500 stalled after the second decay (95.15% at epoch 15, 95.16% at 20): the same run
-    # with only the first decay, lr 2e-3 from epoch 10 to the end
+    # with only the first decay, lr 2e-3 from epoch 10 to the end; it keeps every epoch's
+    # checkpoint, so that later schedule ablations of it branch instead of retraining
     "baffle-fedsgd-client-layer-decay10-k500": dict(mode="fedsgd", seed_sharing="client",
                                                     perturb="layer", lr_milestones=(10,),
-                                                    lr_gamma=0.2, K=500),
+                                                    lr_gamma=0.2, K=500, keep_every=1),
     # the decayed layer recipe with conv2 given 60 of every 100 directions (--layer-cycle):
     # is conv2, the layer that must learn for the last points (frozen_layers), short of them?
     "baffle-fedsgd-client-layer262-decay": dict(mode="fedsgd", seed_sharing="client",
@@ -158,7 +160,7 @@ def config(name: str, epochs: int) -> TrainConfig:
 
 # where and how long a run trains, not what it trains: a curve from a GPU stands for the
 # same experiment as one from a CPU (other draws, same distribution)
-NOT_COMPARED = ("epochs", "data_dir", "device", "checkpoint_every")
+NOT_COMPARED = ("epochs", "data_dir", "device", "checkpoint_every", "keep_every")
 
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -212,8 +214,10 @@ def save(name: str, run: Path, epochs: int) -> None:
               "curve": [list(p) for p in pts], "machine": where(name),
               "s_per_round": seconds_per_round(run)}
     if (b := RunDir(run).branch_info()) is not None:
+        at = (f"the checkpoint it kept at the end of epoch {b['epoch']}" if b.get("epoch")
+              else "its checkpoint")
         record["source"] = (f"its first {b['rounds_done']} rounds are "
-                            f"{Path(b['source']).name}'s, branched from its checkpoint with "
+                            f"{Path(b['source']).name}'s, branched from {at} with "
                             "`baffle train --branch`: exact, the same weights as training "
                             "this config from round 0")
     f = record_file(name, on)
@@ -307,11 +311,14 @@ def train_one(name: str, epochs: int) -> None:
             f"{describe_machine(DEVICE)}; {shared} run(s) at a time\n")
     parent = OUT / BRANCH_OF.get(name, name)
     if not resume and parent != run and (parent / "checkpoint.pt").exists():
-        try:
-            train(config(name, epochs), run_dir=run, branch_from=parent)
-            return
-        except ConfigError as e:  # the parent is past the epoch where the two differ
-            print(f"accuracy: {name} trains from round 0: {e}")
+        # the parent's last checkpoint, else the latest epoch it kept before the two differ
+        for at in [None, *reversed(RunDir(parent).kept_epochs())]:
+            try:
+                train(config(name, epochs), run_dir=run, branch_from=parent, branch_epoch=at)
+                return
+            except ConfigError as e:  # the parent is past the epoch where the two differ
+                refused = e
+        print(f"accuracy: {name} trains from round 0: {refused}")
     train(config(name, epochs), run_dir=run, resume=resume)
 
 

@@ -273,6 +273,18 @@ def test_accuracy_branches_a_run_from_the_one_it_shares_epochs_with(accuracy, tm
     accuracy.main()
     assert "c trains from round 0: the new schedule differs in epoch 1" in capsys.readouterr().out
     assert not (runs / "c" / "branch.json").exists() and accuracy.load("c", 2) is not None
+    # a3 kept each epoch's checkpoint (--keep-every 1), so d, past its last, branches from
+    # the one kept after epoch 1, and ends as b did
+    monkeypatch.setitem(accuracy.RUNS, "a3", dict(lr=0.03, keep_every=1))
+    monkeypatch.setitem(accuracy.RUNS, "d", later)
+    monkeypatch.setitem(accuracy.BRANCH_OF, "d", "a3")
+    for name in ("a3", "d"):
+        monkeypatch.setenv("BAFFLE_ACC_RUNS", name)
+        accuracy.main()
+    assert json.loads((runs / "d" / "branch.json").read_text())["epoch"] == 1
+    assert "a3's, branched from the checkpoint it kept at the end of epoch 1" in \
+        accuracy.load("d", 2)["source"]
+    assert accuracy.load("d", 2)["curve"] == accuracy.load("b", 2)["curve"]
 
 
 def test_accuracy_refuses_an_unknown_run_in_one_line(accuracy, monkeypatch):

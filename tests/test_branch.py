@@ -132,3 +132,107 @@ def test_resuming_with_another_config_is_checked_like_a_branch(source, tmp_path)
     longer = BASE.replace(**LATER)
     start, _ = RunLog(run).open(setup(longer), resume=True)
     assert start == len(rows) and RunDir(run).config() == longer
+
+
+# --keep-every: a branch from any kept epoch, not only from the source's last checkpoint
+KEEPING = BASE.replace(epochs=3, keep_every=1)
+# an lr decay from epoch 1: exact from the checkpoint kept after epoch 1, not after 2 or 3
+DECAY1 = dict(lr_milestones=(1,), lr_gamma=0.5)
+
+
+def _model_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def keeping(tmp_path_factory):
+    run = tmp_path_factory.mktemp("keep") / "source"
+    train(KEEPING, run_dir=run)
+    return run
+
+
+def test_kept_checkpoints_are_the_state_at_each_epochs_end(keeping):
+    assert RunDir(keeping).kept_epochs() == [1, 2, 3]
+    rpe = len(_rows(keeping)) // 3
+    kept = [RunDir(keeping).load_kept(e) for e in (1, 2, 3)]
+    assert [k["rounds_done"] for k in kept] == [rpe, 2 * rpe, 3 * rpe]
+    # the last epoch's is the final checkpoint; the first two differ from it and each other
+    assert _model_equal(kept[2]["server"]["model"], _state(keeping)["model"])
+    assert not _model_equal(kept[0]["server"]["model"], kept[1]["server"]["model"])
+    # a run without --keep-every keeps nothing
+    assert RunDir(keeping.parent / "nothing").kept_epochs() == []
+
+
+def test_a_branch_from_a_kept_epoch_equals_training_its_config_from_scratch(keeping, tmp_path):
+    new = KEEPING.replace(keep_every=0, **DECAY1)
+    train(new, run_dir=tmp_path / "ref")
+    train(new, run_dir=tmp_path / "branch", branch_from=keeping, branch_epoch=1)
+    a, b = _state(tmp_path / "ref"), _state(tmp_path / "branch")
+    assert _model_equal(a["model"], b["model"])
+    assert _model_equal(a["ema"]["shadow"], b["ema"]["shadow"])
+    assert _rows(tmp_path / "ref") == _rows(tmp_path / "branch")
+    # and it differs from the source, which kept lr 0.03 after epoch 1
+    assert not _model_equal(a["model"], _state(keeping)["model"])
+    info = json.loads((tmp_path / "branch" / "branch.json").read_text())
+    assert (info["epoch"], info["rounds_done"]) == (1, len(_rows(keeping)) // 3)
+    assert set(info["changed"]) == {"keep_every", *DECAY1}
+
+
+@pytest.mark.parametrize("epoch,changes,fragment", [
+    (2, DECAY1, "differs in epoch 1"),  # epoch 2's checkpoint trained epoch 1 at lr 0.03
+    (4, {}, r"kept no checkpoint at the end of epoch 4 \(kept: 1, 2, 3\); train the source"),
+])
+def test_a_branch_from_a_kept_epoch_is_checked_like_any_branch(keeping, tmp_path, epoch,
+                                                              changes, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        train(KEEPING.replace(**changes), run_dir=tmp_path / "b", branch_from=keeping,
+              branch_epoch=epoch)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_source_that_kept_nothing_or_a_corrupt_kept_file_is_refused(source, keeping,
+                                                                      tmp_path):
+    with pytest.raises(ConfigError, match=r"at the end of epoch 1 \(kept: none\)"):
+        train(BASE, run_dir=tmp_path / "b", branch_from=source, branch_epoch=1)
+    bad = tmp_path / "bad"
+    shutil.copytree(keeping, bad)
+    (bad / "kept" / "epoch-1.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"kept/epoch-1.pt is unreadable \(.*\); branch from "
+                                          "another epoch or from the last checkpoint"):
+        train(KEEPING, run_dir=tmp_path / "b", branch_from=bad, branch_epoch=1)
+    with pytest.raises(ConfigError, match="--branch-epoch names an epoch of the --branch run"):
+        train(KEEPING, run_dir=tmp_path / "b", branch_epoch=1)
+    assert not (tmp_path / "b").exists()
+
+
+def test_resuming_drops_kept_epochs_past_the_checkpoint_and_keeps_them_again(keeping,
+                                                                            tmp_path):
+    """A run killed with its rolling checkpoint behind a kept epoch (``checkpoint_every``
+    > 1) trains that epoch again on resume; the epoch is kept again, the same bit for bit."""
+    run = tmp_path / "run"
+    shutil.copytree(keeping, run)
+    shutil.copy(run / "kept" / "epoch-1.pt", run / "checkpoint.pt")
+    start, _ = RunLog(run).open(setup(KEEPING), resume=True)
+    assert start == len(_rows(keeping)) // 3 and RunDir(run).kept_epochs() == [1]
+    train(KEEPING, run_dir=run, resume=True)
+    assert RunDir(run).kept_epochs() == [1, 2, 3]
+    for e in (2, 3):
+        assert _model_equal(RunDir(run).load_kept(e)["server"]["model"],
+                            RunDir(keeping).load_kept(e)["server"]["model"])
+
+
+def test_cli_branch_epoch(keeping, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["train", "--branch", str(keeping), "--branch-epoch", "1", "--out", str(out),
+                 "--lr-milestones", "1", "--lr-gamma", "0.5", "--quiet"]) == 0
+    assert json.loads((out / "branch.json").read_text())["epoch"] == 1
+    assert main(["train", "--branch-epoch", "1", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert main(["train", "--resume", str(out), "--branch-epoch", "1", "--quiet"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--branch", str(keeping), "--branch-epoch", "0", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[:2] == ["error: --branch-epoch names an epoch of the --branch run; add --branch",
+                       "error: --resume takes the saved config of the run; drop the other flags"]
+    assert "argument --branch-epoch: an epoch number >= 1 (got '0')" in err[2]
+    assert not (tmp_path / "x").exists()

@@ -24,7 +24,7 @@ from baffle.schedule import k_at, lr_at
 
 # length, schedules and cadences: nothing a finished round depended on
 BRANCHABLE = ("epochs", "rounds", "lr_milestones", "lr_gamma", "warmup_lr", "K_milestones",
-              "K_values", "eval_every", "checkpoint_every")
+              "K_values", "eval_every", "checkpoint_every", "keep_every")
 # where a resumed run trains, not what: it may move to another machine
 MOVABLE = ("data_dir", "download", "device")
 

@@ -84,6 +84,8 @@ HELP = {
                         "each round) | keep (each client's optimizer state carries over)",
     "eval_every": "rounds between evaluations (0 = once per epoch)",
     "checkpoint_every": "rounds between checkpoints",
+    "keep_every": "also keep the checkpoint of every N-th epoch's end in RUN_DIR/kept/, so "
+                  "that --branch-epoch can start a branch there (0 = keep none)",
 }
 
 
@@ -100,6 +102,12 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         names = [flag] if f.name != "K" else ["--K", "--k"]
         p.add_argument(*names, dest=f.name, default=None, metavar=f.name.upper(),
                        help=f"{HELP.get(f.name, '')} (default: {_show(f.default)})")
+
+
+def _epoch(v: str) -> int:
+    if not v.isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"an epoch number >= 1 (got {v!r})")
+    return int(v)
 
 
 def _show(v: Any) -> str:
@@ -119,6 +127,9 @@ def parser() -> argparse.ArgumentParser:
         "start a new run (--out) from RUN_DIR's last checkpoint: the flags change RUN_DIR's "
         "config, and only in length and schedules it has not reached yet; exact, as if "
         "trained from round 0"))
+    t.add_argument("--branch-epoch", metavar="E", type=_epoch, help=(
+        "with --branch: start from the checkpoint RUN_DIR kept at the end of epoch E "
+        "(RUN_DIR trained with --keep-every) instead of its last one"))
     t.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(t)
@@ -168,10 +179,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                  if getattr(args, f.name) is not None}
     if args.resume:
-        if overrides or args.config or args.branch:
+        if overrides or args.config or args.branch or args.branch_epoch:
             raise ConfigError("--resume takes the saved config of the run; drop the other flags")
         out, resume, config = Path(args.resume), True, TrainConfig()
     else:
+        if args.branch_epoch and not args.branch:
+            raise ConfigError("--branch-epoch names an epoch of the --branch run; add --branch")
         if args.branch and not args.out:
             raise ConfigError("--branch needs --out, the new run's directory")
         if args.branch and Path(args.out).resolve() == Path(args.branch).resolve():
@@ -187,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     bar = ProgressBar(args.quiet)
     try:
         result = train(config, run_dir=out, resume=resume, callbacks=[bar],
-                       branch_from=args.branch)
+                       branch_from=args.branch, branch_epoch=args.branch_epoch)
     finally:
         bar.close()
     print(summary_table([result.summary]))

@@ -88,6 +88,7 @@ class TrainConfig:
     device: str = "cpu"
     eval_every: int = 0  # rounds between evaluations (0 = once per epoch)
     checkpoint_every: int = 1  # rounds between checkpoints
+    keep_every: int = 0  # epochs between kept checkpoints, to --branch from (0 = none)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -151,7 +152,8 @@ def validate(c: TrainConfig) -> None:
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be an integer >= 1 (got {v!r})")
     for name, v in {"epochs": c.epochs, "rounds": c.rounds, "local_steps": c.local_steps,
-                    "eval_every": c.eval_every, "clients_per_round": c.clients_per_round}.items():
+                    "eval_every": c.eval_every, "clients_per_round": c.clients_per_round,
+                    "keep_every": c.keep_every}.items():
         if not isinstance(v, int) or v < 0:
             raise ConfigError(f"{name} must be an integer >= 0 (got {v!r})")
     if c.epochs == 0 and c.rounds == 0:

@@ -3,6 +3,7 @@
     RUN_DIR/config.json      the resolved TrainConfig
     RUN_DIR/metrics.jsonl    one JSON object per finished round
     RUN_DIR/checkpoint.pt    server state after the last checkpointed round (atomic)
+    RUN_DIR/kept/epoch-E.pt  (--keep-every) the same state at the end of epoch E, kept
     RUN_DIR/summary.json     final numbers; summary.md, the same as a table
     RUN_DIR/branch.json      a branched run's source and rounds taken from it (``branch``)
 """
@@ -21,7 +22,7 @@ from baffle.config import TrainConfig, config_json, load_json
 from baffle.errors import ConfigError
 
 CONFIG, METRICS, CHECKPOINT, SUMMARY = "config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"
-BRANCH = "branch.json"
+BRANCH, KEPT = "branch.json", "kept"
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -67,13 +68,33 @@ class RunDir:
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         p = self.path / CHECKPOINT
+        return _load(p, "delete it to restart the run from scratch") if p.exists() else None
+
+    def keep_checkpoint(self, epoch: int, state: dict[str, Any]) -> None:
+        """Keep ``state``, the server after epoch ``epoch``, beside the rolling checkpoint."""
+        (self.path / KEPT).mkdir(exist_ok=True)
+        atomic_write(self.path / KEPT / f"epoch-{epoch}.pt", lambda f: torch.save(state, f))
+
+    def kept_epochs(self) -> list[int]:
+        """The epochs whose end has a kept checkpoint, in order."""
+        d = self.path / KEPT
+        names = [p.stem.removeprefix("epoch-") for p in d.glob("epoch-*.pt")] if d.is_dir() else []
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def load_kept(self, epoch: int) -> dict[str, Any]:
+        p = self.path / KEPT / f"epoch-{epoch}.pt"
         if not p.exists():
-            return None
-        try:
-            return torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise ConfigError(f"checkpoint {p} is unreadable ({type(e).__name__}); "
-                              "delete it to restart the run from scratch") from None
+            kept = ", ".join(map(str, self.kept_epochs())) or "none"
+            raise ConfigError(f"{self.path} kept no checkpoint at the end of epoch {epoch} "
+                              f"(kept: {kept}); train the source with --keep-every")
+        return _load(p, "branch from another epoch or from the last checkpoint")
+
+    def drop_kept_after(self, rounds_done: int, rounds_per_epoch: int) -> None:
+        """Delete kept checkpoints past round ``rounds_done``: a resumed run trains them
+        again, perhaps under a changed schedule."""
+        for e in self.kept_epochs():
+            if e * rounds_per_epoch > rounds_done:
+                (self.path / KEPT / f"epoch-{e}.pt").unlink()
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.path / METRICS, "a") as f:
@@ -113,3 +134,10 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any], table: str) -> None:
         (self.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         (self.path / "summary.md").write_text(table + "\n")
+
+
+def _load(p: Path, advice: str) -> dict[str, Any]:
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ConfigError(f"checkpoint {p} is unreadable ({type(e).__name__}); {advice}") from None

@@ -410,25 +410,27 @@ class RunLog:
             self.rd.create(fed.config)
             return 0, []
         ckpt = self.rd.load_checkpoint()
-        if ckpt is None:
-            return 0, self.rd.truncate_metrics(0)
-        start = int(ckpt["rounds_done"])
-        saved = self.rd.config()
-        if saved != fed.config:  # a Flower server resumes with the run config it is given
-            branch.check(saved, fed.config, start, fed.rounds_per_epoch,
-                         what="resuming with another config", also=branch.MOVABLE)
-            self.rd.save_config(fed.config)
-        fed.server.load_state_dict(ckpt["server"])
+        start = int(ckpt["rounds_done"]) if ckpt is not None else 0
+        if ckpt is not None:
+            saved = self.rd.config()
+            if saved != fed.config:  # a Flower server resumes with the run config it is given
+                branch.check(saved, fed.config, start, fed.rounds_per_epoch,
+                             what="resuming with another config", also=branch.MOVABLE)
+                self.rd.save_config(fed.config)
+            fed.server.load_state_dict(ckpt["server"])
+        # kept epochs past the checkpoint are trained (and kept) again
+        self.rd.drop_kept_after(start, fed.rounds_per_epoch)
         return start, self.rd.truncate_metrics(start)
 
-    def branch(self, fed: Federation, source: str | Path) -> tuple[int, list[dict[str, Any]]]:
-        """Start the directory from ``source``'s last checkpoint (``baffle.branch``): its
-        finished rounds' metrics are copied, and ``branch.json`` records where they came
-        from. (start round, rows)."""
+    def branch(self, fed: Federation, source: str | Path,
+               epoch: int | None = None) -> tuple[int, list[dict[str, Any]]]:
+        """Start the directory from ``source``'s last checkpoint, or the one it kept at the
+        end of ``epoch`` (``baffle.branch``): its finished rounds' metrics are copied, and
+        ``branch.json`` records where they came from. (start round, rows)."""
         assert self.rd is not None
         src = RunDir(source)
         old = src.config()
-        ckpt = src.load_checkpoint()
+        ckpt = src.load_checkpoint() if epoch is None else src.load_kept(epoch)
         if ckpt is None:
             raise ConfigError(f"{source} has no checkpoint to branch from")
         done = int(ckpt["rounds_done"])
@@ -441,6 +443,7 @@ class RunLog:
         self.rd.write_metrics(rows)
         self.rd.save_checkpoint({**ckpt, "config": fed.config.to_dict()})
         self.rd.save_branch({"source": str(Path(source).resolve()), "rounds_done": done,
+                             "epoch": epoch,
                              "changed": {k: list(v) for k, v in
                                          branch.changed(old, fed.config).items()}})
         fed.server.load_state_dict(ckpt["server"])
@@ -449,11 +452,17 @@ class RunLog:
     def round_done(self, fed: Federation, record: dict[str, Any]) -> None:
         if self.rd is None:
             return
-        r = record["round"]
+        r, cfg = record["round"], fed.config
         self.rd.append_metrics(record)
-        if (r + 1) % fed.config.checkpoint_every == 0 or r + 1 == fed.total_rounds:
-            self.rd.save_checkpoint({"rounds_done": r + 1, "server": fed.server.state_dict(),
-                                     "config": fed.config.to_dict()})
+        def state() -> dict[str, Any]:
+            return {"rounds_done": r + 1, "server": fed.server.state_dict(),
+                    "config": cfg.to_dict()}
+
+        if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == fed.total_rounds:
+            self.rd.save_checkpoint(state())
+        epoch, into = divmod(r + 1, fed.rounds_per_epoch)
+        if cfg.keep_every and into == 0 and epoch % cfg.keep_every == 0:
+            self.rd.keep_checkpoint(epoch, state())
 
     def close(self, fed: Federation, metrics: list[dict[str, Any]]) -> RunResult:
         result = RunResult(fed.config, metrics, fed.server.eval_model(),
@@ -474,23 +483,27 @@ def train(
     data: DataBundle | None = None,
     upload_hook: UploadHook | None = None,
     branch_from: str | Path | None = None,
+    branch_epoch: int | None = None,
 ) -> RunResult:
     """Run (or resume) federated training; returns the metrics and the final model.
 
-    ``branch_from`` starts a new ``run_dir`` from that run's last checkpoint (``baffle.branch``:
-    ``config`` may change only schedules not yet reached).
+    ``branch_from`` starts a new ``run_dir`` from that run's last checkpoint, or from the one
+    it kept at the end of epoch ``branch_epoch`` (``keep_every``); ``config`` may change
+    only schedules not yet reached (``baffle.branch``).
 
     ``upload_hook(round, upload)`` stands between client and server (fault injection,
     transport); an upload it breaks is rejected and logged, never trained on.
     """
     if branch_from is not None and (resume or run_dir is None):
         raise ConfigError("a branch needs a new run directory and cannot also resume")
+    if branch_epoch is not None and branch_from is None:
+        raise ConfigError("--branch-epoch names an epoch of the --branch run; add --branch")
     run_log = RunLog(run_dir)
     if resume:
         config = run_log.saved_config()
     fed = setup(config, model, loss_fn, data)
     if branch_from is not None:
-        start, metrics = run_log.branch(fed, branch_from)
+        start, metrics = run_log.branch(fed, branch_from, branch_epoch)
     else:
         start, metrics = run_log.open(fed, resume)
     for r in range(start, fed.total_rounds):
