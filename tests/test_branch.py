@@ -233,6 +233,32 @@ def test_cli_branch_epoch(keeping, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[:2] == ["error: --branch-epoch names an epoch of the --branch run; add --branch",
-                       "error: --resume takes the saved config of the run; drop the other flags"]
+                       "error: --resume continues the run's saved config; drop --config, "
+                       "--branch and --branch-epoch"]
     assert "argument --branch-epoch: an epoch number >= 1 (got '0')" in err[2]
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_resume_with_flags_lengthens_and_reschedules_the_run_in_place(source, tmp_path,
+                                                                          capsys):
+    """``--resume RUN --epochs 3 ...`` continues RUN under the changed config: the same
+    weights as training that config from round 0; a change to trained rounds is refused."""
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    rows = _rows(run)
+    assert main(["train", "--resume", str(run), "--sigma", "1e-3", "--quiet"]) == 2
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--lr-milestones", "1",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "sigma would change the rounds already trained" in err[0]
+    assert "differs in epoch 1" in err[1]
+    assert RunDir(run).config() == BASE and _rows(run) == rows  # refused: untouched
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--K-milestones", "2",
+                 "--K-values", "8", "--lr-milestones", "2", "--lr-gamma", "0.5",
+                 "--keep-every", "1", "--quiet"]) == 0
+    new = BASE.replace(**LATER, keep_every=1)
+    assert RunDir(run).config() == new
+    train(new, run_dir=tmp_path / "ref")
+    assert _model_equal(_state(run)["model"], _state(tmp_path / "ref")["model"])
+    assert _rows(run) == _rows(tmp_path / "ref")
+    assert RunDir(run).kept_epochs() == [3]  # epochs 1-2 were trained before --keep-every

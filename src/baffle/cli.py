@@ -122,7 +122,9 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a federated model (or resume a run)")
     t.add_argument("--config", help="TOML file with config keys (flags override it)")
     t.add_argument("--out", help="run directory to write (default: runs/<method>-<dataset>-<time>)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR")
+    t.add_argument("--resume", metavar="RUN_DIR", help=(
+        "continue the run in RUN_DIR; flags may lengthen it, change schedules from the first "
+        "epoch it has not trained, or change cadences (checked like --branch)"))
     t.add_argument("--branch", metavar="RUN_DIR", help=(
         "start a new run (--out) from RUN_DIR's last checkpoint: the flags change RUN_DIR's "
         "config, and only in length and schedules it has not reached yet; exact, as if "
@@ -178,10 +180,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                  if getattr(args, f.name) is not None}
+    config: TrainConfig | None
     if args.resume:
-        if overrides or args.config or args.branch or args.branch_epoch:
-            raise ConfigError("--resume takes the saved config of the run; drop the other flags")
-        out, resume, config = Path(args.resume), True, TrainConfig()
+        if args.config or args.branch or args.branch_epoch:
+            raise ConfigError("--resume continues the run's saved config; drop --config, "
+                              "--branch and --branch-epoch")
+        out, resume = Path(args.resume), True
+        # flags change the saved config where a branch could (checked when it resumes)
+        config = from_dict(overrides, base=RunDir(out).config()) if overrides else None
     else:
         if args.branch_epoch and not args.branch:
             raise ConfigError("--branch-epoch names an epoch of the --branch run; add --branch")

@@ -49,7 +49,7 @@ from baffle.ema import EMA
 from baffle.errors import BaffleError, ConfigError
 from baffle.estimator import EstimatorSpec, LossFn, check_no_batchnorm, trainable_params
 from baffle.models import build_model
-from baffle.rundir import RunDir
+from baffle.rundir import CONFIG, RunDir
 from baffle.schedule import k_at, lr_at
 from baffle.server import Server, make_optimizer, set_lr
 
@@ -411,12 +411,13 @@ class RunLog:
             return 0, []
         ckpt = self.rd.load_checkpoint()
         start = int(ckpt["rounds_done"]) if ckpt is not None else 0
+        # a Flower server, or `baffle train --resume` with flags, may resume with a config
+        # that lengthens or reschedules the saved one
+        if (self.rd.path / CONFIG).exists() and (saved := self.rd.config()) != fed.config:
+            branch.check(saved, fed.config, start, fed.rounds_per_epoch,
+                         what="resuming with another config", also=branch.MOVABLE)
+            self.rd.save_config(fed.config)
         if ckpt is not None:
-            saved = self.rd.config()
-            if saved != fed.config:  # a Flower server resumes with the run config it is given
-                branch.check(saved, fed.config, start, fed.rounds_per_epoch,
-                             what="resuming with another config", also=branch.MOVABLE)
-                self.rd.save_config(fed.config)
             fed.server.load_state_dict(ckpt["server"])
         # kept epochs past the checkpoint are trained (and kept) again
         self.rd.drop_kept_after(start, fed.rounds_per_epoch)
@@ -473,7 +474,7 @@ class RunLog:
 
 
 def train(
-    config: TrainConfig,
+    config: TrainConfig | None,
     *,
     run_dir: str | Path | None = None,
     resume: bool = False,
@@ -486,6 +487,10 @@ def train(
     branch_epoch: int | None = None,
 ) -> RunResult:
     """Run (or resume) federated training; returns the metrics and the final model.
+
+    ``resume`` continues ``run_dir`` from its checkpoint, under its saved config when
+    ``config`` is None; a given ``config`` may change only what a branch may (the length,
+    schedules not yet reached, cadences) and where it trains (``data_dir``, ``device``).
 
     ``branch_from`` starts a new ``run_dir`` from that run's last checkpoint, or from the one
     it kept at the end of epoch ``branch_epoch`` (``keep_every``); ``config`` may change
@@ -500,7 +505,10 @@ def train(
         raise ConfigError("--branch-epoch names an epoch of the --branch run; add --branch")
     run_log = RunLog(run_dir)
     if resume:
-        config = run_log.saved_config()
+        saved = run_log.saved_config()  # one-line error for a directory that holds no run
+        config = saved if config is None else config
+    if config is None:
+        raise ConfigError("train needs a config unless it resumes a run")
     fed = setup(config, model, loss_fn, data)
     if branch_from is not None:
         start, metrics = run_log.branch(fed, branch_from, branch_epoch)
