@@ -72,8 +72,8 @@ class RunDir:
 
     def keep_checkpoint(self, epoch: int, state: dict[str, Any]) -> None:
         """Keep ``state``, the server after epoch ``epoch``, beside the rolling checkpoint."""
-        (self.path / KEPT).mkdir(exist_ok=True)
-        atomic_write(self.path / KEPT / f"epoch-{epoch}.pt", lambda f: torch.save(state, f))
+        self._kept(epoch).parent.mkdir(exist_ok=True)
+        atomic_write(self._kept(epoch), lambda f: torch.save(state, f))
 
     def kept_epochs(self) -> list[int]:
         """The epochs whose end has a kept checkpoint, in order."""
@@ -82,7 +82,7 @@ class RunDir:
         return sorted(int(n) for n in names if n.isdigit())
 
     def load_kept(self, epoch: int) -> dict[str, Any]:
-        p = self.path / KEPT / f"epoch-{epoch}.pt"
+        p = self._kept(epoch)
         if not p.exists():
             kept = ", ".join(map(str, self.kept_epochs())) or "none"
             raise ConfigError(f"{self.path} kept no checkpoint at the end of epoch {epoch} "
@@ -94,7 +94,10 @@ class RunDir:
         again, perhaps under a changed schedule."""
         for e in self.kept_epochs():
             if e * rounds_per_epoch > rounds_done:
-                (self.path / KEPT / f"epoch-{e}.pt").unlink()
+                self._kept(e).unlink()
+
+    def _kept(self, epoch: int) -> Path:
+        return self.path / KEPT / f"epoch-{epoch}.pt"
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.path / METRICS, "a") as f:

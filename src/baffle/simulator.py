@@ -453,17 +453,18 @@ class RunLog:
     def round_done(self, fed: Federation, record: dict[str, Any]) -> None:
         if self.rd is None:
             return
-        r, cfg = record["round"], fed.config
+        done, cfg = record["round"] + 1, fed.config
         self.rd.append_metrics(record)
-        def state() -> dict[str, Any]:
-            return {"rounds_done": r + 1, "server": fed.server.state_dict(),
-                    "config": cfg.to_dict()}
-
-        if (r + 1) % cfg.checkpoint_every == 0 or r + 1 == fed.total_rounds:
-            self.rd.save_checkpoint(state())
-        epoch, into = divmod(r + 1, fed.rounds_per_epoch)
-        if cfg.keep_every and into == 0 and epoch % cfg.keep_every == 0:
-            self.rd.keep_checkpoint(epoch, state())
+        epoch, into = divmod(done, fed.rounds_per_epoch)
+        save = done % cfg.checkpoint_every == 0 or done == fed.total_rounds
+        keep = cfg.keep_every > 0 and into == 0 and epoch % cfg.keep_every == 0
+        if save or keep:
+            state = {"rounds_done": done, "server": fed.server.state_dict(),
+                     "config": cfg.to_dict()}
+            if save:
+                self.rd.save_checkpoint(state)
+            if keep:
+                self.rd.keep_checkpoint(epoch, state)
 
     def close(self, fed: Federation, metrics: list[dict[str, Any]]) -> RunResult:
         result = RunResult(fed.config, metrics, fed.server.eval_model(),
