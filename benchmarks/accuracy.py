@@ -19,22 +19,27 @@ beside it and in its saved record.
 After each run the benchmark saves its test curve to ``benchmarks/results/accuracy/<name>.json``
 (committed: ``runs/`` is not), and the section tabulates every saved curve whose config still
 matches its entry in ``RUNS``, so training a subset keeps the other rows and a partial run
-reports how far it got.
+reports how far it got. It also copies what resumes the run (config, metrics, last
+checkpoint, the checkpoints kept at schedule milestones) to ``.../accuracy/carry/<name>/``,
+committed too: a run longer than a session outlives the machine it trained on, and a run
+missing from ``runs/`` resumes from its carried state.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from baffle import TrainConfig, train
 from baffle.config import from_dict
 from baffle.errors import ConfigError
-from baffle.rundir import RunDir, atomic_write
+from baffle.rundir import BRANCH, CHECKPOINT, CONFIG, KEPT, METRICS, RunDir, atomic_write
 from benchmarks.common import ROOT, machine, table, write_section
 
 MNIST = os.environ.get("BAFFLE_MNIST_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
@@ -133,6 +138,7 @@ WHY = {  # what each run asks, printed beside its command
 # come back whole and go out again to the next GPU, so a run outlives a short loan
 OUT = ROOT / "runs" / ("accuracy" if DEVICE == "cpu" else "accuracy-gpu")
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy"
+CARRIED = (CONFIG, METRICS, CHECKPOINT, BRANCH)  # what resumes a run, kept epochs aside
 PAPER = 95.17  # "95.17% accuracy on MNIST with 20 communication rounds"
 
 
@@ -226,6 +232,50 @@ def save(name: str, run: Path, epochs: int) -> None:
     atomic_write(f, lambda out: out.write(text))
 
 
+def carry_dir(name: str) -> Path:
+    """Where run ``name``'s resumable state is committed (one folder per kind of machine)."""
+    return RESULTS / ("carry" if DEVICE == "cpu" else "gpu/carry") / name
+
+
+def branch_points() -> set[int]:
+    """Every epoch at which some run's lr or K schedule changes: where a schedule ablation
+    branches off (``BRANCH_OF``), so the kept checkpoints worth carrying."""
+    return {e for cfg in RUNS.values()
+            for e in (*cfg.get("lr_milestones", ()), *cfg.get("K_milestones", ()))}
+
+
+def carry(name: str, run: Path) -> None:
+    """Copy what resumes run ``name`` (``CARRIED``, its machine note, and the checkpoints
+    it kept at ``branch_points()``) to ``carry_dir(name)``, replacing the last copy whole:
+    about 0.5 MB per checkpoint for LeNet, where ``runs/`` is lost with the machine."""
+    dest = carry_dir(name)
+    tmp = dest.with_name(f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in CARRIED:
+        if (run / f).exists():
+            shutil.copy2(run / f, tmp / f)
+    if (OUT / f"{name}.machine").exists():
+        shutil.copy2(OUT / f"{name}.machine", tmp / "machine")
+    for e in sorted(set(RunDir(run).kept_epochs()) & branch_points()):
+        (tmp / KEPT).mkdir(exist_ok=True)
+        shutil.copy2(run / KEPT / f"epoch-{e}.pt", tmp / KEPT / f"epoch-{e}.pt")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def restore(name: str, run: Path) -> bool:
+    """Rebuild ``run`` from run ``name``'s carried state, if ``run`` is gone and some was
+    carried; True if it was."""
+    src = carry_dir(name)
+    if (run / CONFIG).exists() or not (src / CONFIG).exists():
+        return False
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("machine"), dirs_exist_ok=True)
+    if (src / "machine").exists():
+        shutil.copy2(src / "machine", OUT / f"{name}.machine")
+    return True
+
+
 def load(name: str, epochs: int, on: str = "CPU") -> dict[str, Any] | None:
     """Run ``name``'s saved record from a CPU or a GPU, or None if there is none or its
     config has changed."""
@@ -294,8 +344,10 @@ def report(records: dict[tuple[str, str], dict[str, Any]], epochs: int) -> None:
                  "forward passes per client", "last test top-1 %",
                  "best %", "first >= 95.2%",
                  "test top-1 after each epoch"], rows)
-        + "\n\nRuns (one whose directory is still here resumes with "
-        f"`baffle train --resume runs/accuracy/NAME`):\n{cmds}"
+        + "\n\nRuns (`BAFFLE_ACC_RUNS=NAME python -m benchmarks.run accuracy` resumes one "
+        "that stopped short, from `runs/accuracy/NAME` or else from the state the last "
+        "machine to train it committed in `benchmarks/results/accuracy/carry/NAME`):"
+        f"\n{cmds}"
         + "\n\n![accuracy](benchmarks/figures/accuracy.png)"
     )
     write_section("accuracy", "Accuracy against the paper: MNIST, the authors' setting", body)
@@ -303,14 +355,23 @@ def report(records: dict[tuple[str, str], dict[str, Any]], epochs: int) -> None:
 
 def train_one(name: str, epochs: int) -> None:
     run = OUT / name
-    resume = (run / "config.json").exists()
+    OUT.mkdir(parents=True, exist_ok=True)
+    carried = restore(name, run)
+    resume = (run / CONFIG).exists()
+    shared = os.environ.get("BAFFLE_ACC_SHARED", "1")
+    note = OUT / f"{name}.machine"
     if not resume:
-        OUT.mkdir(parents=True, exist_ok=True)
-        shared = os.environ.get("BAFFLE_ACC_SHARED", "1")
-        (OUT / f"{name}.machine").write_text(
-            f"{describe_machine(DEVICE)}; {shared} run(s) at a time\n")
+        note.write_text(f"{describe_machine(DEVICE)}; {shared} run(s) at a time\n")
+    elif not (rows := RunDir(run).metrics()) or rows[-1]["epoch"] < epochs - 1e-9:
+        # a stretch of training more: say where and when it ran
+        before = note.read_text().rstrip("\n") if note.exists() else "an unrecorded machine"
+        note.write_text(f"{before}; resumed {'from its carried state ' if carried else ''}"
+                        f"after {len(rows)} logged rounds at {time.strftime('%H:%M')} on "
+                        f"{describe_machine(DEVICE)}, {shared} run(s) at a time\n")
     parent = OUT / BRANCH_OF.get(name, name)
-    if not resume and parent != run and (parent / "checkpoint.pt").exists():
+    if parent != run:
+        restore(parent.name, parent)
+    if not resume and parent != run and (parent / CHECKPOINT).exists():
         # the parent's last checkpoint, else the latest epoch it kept before the two differ
         for at in [None, *reversed(RunDir(parent).kept_epochs())]:
             try:
@@ -357,8 +418,9 @@ def main() -> None:
     if os.environ.get("BAFFLE_ACC_CHILD"):
         return
     for name in names:
-        if (OUT / name / "metrics.jsonl").exists():
+        if (OUT / name / METRICS).exists():
             save(name, OUT / name, epochs)
+            carry(name, OUT / name)
     records = {(n, on): r for n in RUNS for on in ("CPU", "GPU")
                if (r := load(n, epochs, on)) is not None}
     report(records, epochs)

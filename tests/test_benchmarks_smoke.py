@@ -3,6 +3,7 @@ writing into a temporary file (never the real BENCHMARKS.md)."""
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 import benchmarks.common as common
 from baffle import train
 from baffle.models import build_model
+from baffle.rundir import RunDir
 from benchmarks import communication
 from benchmarks.accuracy import RUNS as ACCURACY_RUNS
 from benchmarks.flops import forward_macs, layer_direction_flops
@@ -285,6 +287,44 @@ def test_accuracy_branches_a_run_from_the_one_it_shares_epochs_with(accuracy, tm
     assert "a3's, branched from the checkpoint it kept at the end of epoch 1" in \
         accuracy.load("d", 2)["source"]
     assert accuracy.load("d", 2)["curve"] == accuracy.load("b", 2)["curve"]
+
+
+def test_accuracy_carries_a_run_across_machines_that_lose_runs(accuracy, tmp_path,
+                                                                 monkeypatch):
+    """``runs/`` goes with the machine; the committed carry resumes a run exactly and keeps
+    the checkpoints a schedule ablation branches from."""
+    schedule = dict(lr=0.03, lr_milestones=(1,))
+    monkeypatch.setattr(accuracy, "RUNS", {
+        "a": dict(schedule, keep_every=1),
+        "b": dict(schedule, K_milestones=(2,), K_values=(6,))})  # a from epoch 2 on
+    monkeypatch.setattr(accuracy, "BRANCH_OF", {"b": "a"})
+    runs, carried = tmp_path / "runs", tmp_path / "results" / "carry"
+    monkeypatch.setenv("BAFFLE_ACC_RUNS", "a")
+    monkeypatch.setenv("BAFFLE_ACC_EPOCHS", "2")  # the first machine's share
+    accuracy.main()
+    assert {p.name for p in (carried / "a").iterdir()} == {
+        "config.json", "metrics.jsonl", "checkpoint.pt", "kept", "machine"}
+    shutil.rmtree(runs)
+    monkeypatch.setenv("BAFFLE_ACC_EPOCHS", "3")  # the next machine's: one epoch more
+    accuracy.main()
+    # the same as training 3 epochs at once, round for round
+    scratch = train(accuracy.config("a", 3), run_dir=tmp_path / "scratch")
+    assert [r["train_loss"] for r in RunDir(runs / "a").metrics()] == \
+        [r["train_loss"] for r in scratch.metrics]
+    assert accuracy.load("a", 3)["curve"][-1][2] == scratch.metrics[-1]["test_top1"]
+    assert "; resumed from its carried state after " in (runs / "a.machine").read_text()
+    assert "resumed from its carried state" in accuracy.load("a", 3)["machine"]
+    # epochs 1 and 2 are schedule milestones (a's lr, b's K), so carried; 3 is not
+    assert RunDir(runs / "a").kept_epochs() == [1, 2, 3]
+    assert sorted(p.name for p in (carried / "a" / "kept").iterdir()) == [
+        "epoch-1.pt", "epoch-2.pt"]
+    # on a third machine b branches from a's carried epoch 2, and ends as if from scratch
+    shutil.rmtree(runs)
+    monkeypatch.setenv("BAFFLE_ACC_RUNS", "b")
+    accuracy.main()
+    assert json.loads((runs / "b" / "branch.json").read_text())["epoch"] == 2
+    scratch_b = train(accuracy.config("b", 3), run_dir=tmp_path / "scratch-b")
+    assert accuracy.load("b", 3)["curve"][-1][2] == scratch_b.metrics[-1]["test_top1"]
 
 
 def test_accuracy_refuses_an_unknown_run_in_one_line(accuracy, monkeypatch):
