@@ -366,11 +366,11 @@ def train_one(name: str, epochs: int) -> None:
         # a stretch of training more: say where and when it ran
         before = note.read_text().rstrip("\n") if note.exists() else "an unrecorded machine"
         note.write_text(f"{before}; resumed {'from its carried state ' if carried else ''}"
-                        f"after {len(rows)} logged rounds at {time.strftime('%H:%M')} on "
+                        f"after {len(rows)} logged rounds at {time.strftime('%H:%M %Z')} on "
                         f"{describe_machine(DEVICE)}, {shared} run(s) at a time\n")
     parent = OUT / BRANCH_OF.get(name, name)
-    if parent != run:
-        restore(parent.name, parent)
+    if not resume and parent != run:
+        restore(parent.name, parent)  # the parent may have trained on another machine
     if not resume and parent != run and (parent / CHECKPOINT).exists():
         # the parent's last checkpoint, else the latest epoch it kept before the two differ
         for at in [None, *reversed(RunDir(parent).kept_epochs())]:

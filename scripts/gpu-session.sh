@@ -11,8 +11,10 @@
 # The accuracy runs live in runs/accuracy-gpu/ and resume from their last checkpoint if
 # started again. `collect` packs them whole (checkpoints too, a few MB): unpack the tarball
 # in the repository root here (`tar xzf .../accuracy-runs.tgz`), tabulate with
-# `BAFFLE_ACC_DEVICE=cuda BAFFLE_ACC_REPORT_ONLY=1 python -m benchmarks.run accuracy`, and
-# carry runs/accuracy-gpu to the next GPU to go on. MNIST is read from $BAFFLE_MNIST_DIR
+# `BAFFLE_ACC_DEVICE=cuda BAFFLE_ACC_REPORT_ONLY=1 python -m benchmarks.run accuracy` (it
+# also writes what resumes each run to benchmarks/results/accuracy/gpu/carry/: commit it,
+# and `start` on a later session's GPU restores the runs from there), and carry
+# runs/accuracy-gpu to this session's next GPU to go on. MNIST is read from $BAFFLE_MNIST_DIR
 # (default ../shared/data/mnist).
 set -u
 cd "$(dirname "$0")/.."
