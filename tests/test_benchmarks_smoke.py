@@ -96,6 +96,29 @@ def test_onednn_peak_kernel_computes_the_product_it_is_credited_with():
     assert torch.allclose(fns["peak: torch.mm (MKL)"](), mm @ mm, atol=1e-4)
 
 
+def test_throughput_keeps_one_target_record_per_kind_of_cpu(tmp_path, monkeypatch):
+    from benchmarks import throughput
+
+    monkeypatch.setattr(throughput, "RESULTS", tmp_path)
+
+    def record(cpu, date, naive, plain, share):
+        return {"machine": f"{cpu}, 2 cores, torch 2.13.0+cpu with 1 threads, Python 3.11.7, "
+                f"{date}", "threads": 1, "K": 100, "naive": naive, "plain": plain,
+                "share": share, "peak": 90.0, "bound": 2.0, "layer_naive": 2.0,
+                "layer_plain": 1.5}
+
+    throughput.save_targets(record("AMD EPYC (AVX512F)", "2026-11-28", 2.6, 0.9, 0.5))
+    throughput.save_targets(record("AMD EPYC (AVX2)", "2026-11-28", 1.3, 1.0, 0.7))
+    throughput.save_targets(record("AMD EPYC (AVX512F)", "2026-11-29", 2.4, 1.1, 0.6))
+    rows = throughput.targets_table().splitlines()[2:]
+    assert len(rows) == 2  # the AVX-512 CPU's second run replaced its first
+    avx2, avx512 = sorted(rows)
+    assert "| 1.30x **NOT met** |" in avx2 and "| 1.00x met |" in avx2
+    assert "| 70% of 90 GFLOP/s met |" in avx2
+    assert "2026-11-29" in avx512 and "| 2.40x **NOT met** |" in avx512
+    assert "| 1.10x met |" in avx512 and "| 60% of 90 GFLOP/s met |" in avx512
+
+
 def test_passes_to_target_is_the_first_evaluation_at_or_above_it():
     from benchmarks import passes
 
