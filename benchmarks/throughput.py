@@ -210,8 +210,8 @@ def main() -> None:
     body = (f"{THREADS} thread(s) (`BAFFLE_BENCH_THREADS`); best of {REPS} interleaved "
             "repetitions (the machine is shared, noise only adds time). A step is K+1 passes "
             "(forward scheme), as is the naive loop's; `plain` counts K passes. `vs` columns "
-            "are per-pass speed ratios (higher is better). The naive loop rebuilds and loads a perturbed "
-            "state dict per direction, as the authors' code does.\n\n"
+            "are per-pass speed ratios (higher is better). The naive loop rebuilds and loads "
+            "a perturbed state dict per direction, as the authors' code does.\n\n"
             + "\n\n".join(sections)
             + "\n\nTargets for LeNet, K=100 (auto engine):\n\n" + "\n".join(verdicts)
             + "\n\nThe same targets on every kind of CPU this benchmark has measured (the "
