@@ -125,7 +125,8 @@ def cpu_kind(desc: str) -> str:
 
 def save_targets(record: dict[str, Any]) -> None:
     """Keep this CPU's LeNet target ratios, replacing its kind's last record."""
-    name = re.sub(r"[^a-z0-9]+", "-", f"{cpu_kind(record['machine'])} {THREADS} threads".lower())
+    name = re.sub(r"[^a-z0-9]+", "-",
+                  f"{cpu_kind(record['machine'])} {record['threads']} threads".lower())
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name.strip('-')}.json").write_text(json.dumps(record, indent=1) + "\n")
 
