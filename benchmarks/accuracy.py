@@ -39,7 +39,7 @@ from typing import Any
 from baffle import TrainConfig, train
 from baffle.config import from_dict
 from baffle.errors import ConfigError
-from baffle.rundir import BRANCH, CHECKPOINT, CONFIG, KEPT, METRICS, RunDir, atomic_write
+from baffle.rundir import BRANCH, CHECKPOINT, CONFIG, METRICS, RunDir, atomic_write
 from benchmarks.common import ROOT, machine, table, write_section
 
 MNIST = os.environ.get("BAFFLE_MNIST_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
@@ -257,9 +257,10 @@ def carry(name: str, run: Path) -> None:
             shutil.copy2(run / f, tmp / f)
     if (OUT / f"{name}.machine").exists():
         shutil.copy2(OUT / f"{name}.machine", tmp / "machine")
-    for e in sorted(set(RunDir(run).kept_epochs()) & branch_points()):
-        (tmp / KEPT).mkdir(exist_ok=True)
-        shutil.copy2(run / KEPT / f"epoch-{e}.pt", tmp / KEPT / f"epoch-{e}.pt")
+    src, copy = RunDir(run), RunDir(tmp)
+    for e in sorted(set(src.kept_epochs()) & branch_points()):
+        copy.kept_path(e).parent.mkdir(exist_ok=True)
+        shutil.copy2(src.kept_path(e), copy.kept_path(e))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 

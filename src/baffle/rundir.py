@@ -72,8 +72,8 @@ class RunDir:
 
     def keep_checkpoint(self, epoch: int, state: dict[str, Any]) -> None:
         """Keep ``state``, the server after epoch ``epoch``, beside the rolling checkpoint."""
-        self._kept(epoch).parent.mkdir(exist_ok=True)
-        atomic_write(self._kept(epoch), lambda f: torch.save(state, f))
+        self.kept_path(epoch).parent.mkdir(exist_ok=True)
+        atomic_write(self.kept_path(epoch), lambda f: torch.save(state, f))
 
     def kept_epochs(self) -> list[int]:
         """The epochs whose end has a kept checkpoint, in order."""
@@ -82,7 +82,7 @@ class RunDir:
         return sorted(int(n) for n in names if n.isdigit())
 
     def load_kept(self, epoch: int) -> dict[str, Any]:
-        p = self._kept(epoch)
+        p = self.kept_path(epoch)
         if not p.exists():
             kept = ", ".join(map(str, self.kept_epochs())) or "none"
             raise ConfigError(f"{self.path} kept no checkpoint at the end of epoch {epoch} "
@@ -94,9 +94,10 @@ class RunDir:
         again, perhaps under a changed schedule."""
         for e in self.kept_epochs():
             if e * rounds_per_epoch > rounds_done:
-                self._kept(e).unlink()
+                self.kept_path(e).unlink()
 
-    def _kept(self, epoch: int) -> Path:
+    def kept_path(self, epoch: int) -> Path:
+        """Where the checkpoint kept at the end of epoch ``epoch`` lives."""
         return self.path / KEPT / f"epoch-{epoch}.pt"
 
     def append_metrics(self, record: dict[str, Any]) -> None:
