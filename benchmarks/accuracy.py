@@ -140,6 +140,8 @@ OUT = ROOT / "runs" / ("accuracy" if DEVICE == "cpu" else "accuracy-gpu")
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy"
 CARRIED = (CONFIG, METRICS, CHECKPOINT, BRANCH)  # what resumes a run, kept epochs aside
 PAPER = 95.17  # "95.17% accuracy on MNIST with 20 communication rounds"
+TARGET = 95.2  # the issue's target: at least this test top-1 within the epochs
+PROTOCOL = "baffle-fedsgd-round"  # the authors' command as written: its passes are the budget
 
 
 def command(cfg: dict[str, Any]) -> str:
@@ -294,6 +296,46 @@ def load(name: str, epochs: int, on: str = "CPU") -> dict[str, Any] | None:
     return record
 
 
+def first_reach(curve: list[list[float]], epochs: int) -> list[float] | None:
+    """The first (epoch, passes, top-1) point with top-1 >= TARGET by epoch ``epochs``."""
+    return next((p for p in curve if p[2] >= TARGET and p[0] <= epochs + 1e-9), None)
+
+
+def verdict(records: dict[tuple[str, str], dict[str, Any]], epochs: int) -> str:
+    """Both accuracy targets, met or not, from the BAFFLE records (backprop runs aside).
+
+    1. top-1 >= TARGET within ``epochs`` epochs, by any run;
+    2. the same with at most half the forward passes per client that the paper's command
+       (PROTOCOL, K=100) spends in ``epochs`` epochs: P/2, P = passes per epoch * epochs.
+    """
+    records = {k: r for k, r in records.items()
+               if not r.get("config", {}).get("method", "baffle").startswith("bp-")}
+    hits = sorted((p[1], p[0], p[2], n, on) for (n, on), rec in records.items()
+                  if (p := first_reach(rec["curve"], epochs)) is not None)
+    if not hits:
+        best = max(((rec["best"], n, on) for (n, on), rec in records.items()),
+                   default=None)
+        first = (f"- >= {TARGET}% within {epochs} epochs: **NOT met** by any run"
+                 + (f" (best: {best[0]:.2f}%, {best[1]} on {best[2]})" if best else ""))
+    else:
+        first = (f"- >= {TARGET}% within {epochs} epochs: met by "
+                 + "; ".join(f"{n} on {on} ({top:.2f}% at epoch {e:.0f}, {passes:,.0f} "
+                             "forward passes per client)" for passes, e, top, n, on in hits))
+    ref = records.get((PROTOCOL, "CPU")) or records.get((PROTOCOL, "GPU"))
+    if ref is None:
+        return first + f"\n- half the forward passes: unknown (no record of {PROTOCOL})"
+    budget = ref["curve"][0][1] / ref["curve"][0][0] * epochs
+    text = (f"- the same with at most half the forward passes of the paper's command "
+            f"({PROTOCOL}: {budget:,.0f} per client in {epochs} epochs, so at most "
+            f"{budget / 2:,.0f}): ")
+    if not hits:
+        return first + "\n" + text + "**NOT met** (no run reached the accuracy)"
+    fewest = hits[0][0]
+    met = "met" if fewest <= budget / 2 else "**NOT met**"
+    return (first + "\n" + text + f"{met} (the fewest to reach it: {fewest:,.0f}, "
+            f"{fewest / budget:.2f}x the paper's command)")
+
+
 def report(records: dict[tuple[str, str], dict[str, Any]], epochs: int) -> None:
     """The table and plot of every kept record, keyed by (run, CPU or GPU)."""
     import matplotlib
@@ -305,7 +347,7 @@ def report(records: dict[tuple[str, str], dict[str, Any]], epochs: int) -> None:
     color = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(RUNS)}  # CPU, GPU alike
     for (name, on), rec in records.items():
         pts, best = rec["curve"], rec["best"]
-        reach = next((p for p in pts if p[2] >= 95.2), None)
+        reach = first_reach(pts, epochs)
         style = dict(marker=".", ls="-" if on == "CPU" else "--", color=color.get(name),
                      label=name if on == "CPU" else f"{name} (GPU)")
         speed = f"{rec['s_per_round']:.2f}" if "s_per_round" in rec else "-"
@@ -334,17 +376,19 @@ def report(records: dict[tuple[str, str], dict[str, Any]], epochs: int) -> None:
         + (f"; trained on {rec['machine']}" if rec.get("machine") else "")
         for (n, on), rec in records.items())
     body = (
-        f"The authors' MNIST setting; target: at least 95.2% test top-1 within {epochs} "
-        f"epochs (the paper reports {PAPER}%). Runs train for {epochs} epochs; a run "
+        f"The authors' MNIST setting; target: at least {TARGET}% test top-1 within {epochs} "
+        f"epochs (the paper reports {PAPER}%), and then the same with at most half the "
+        f"forward passes of the paper's command. Runs train for {epochs} epochs; a run "
         "cut short reports the epochs it finished. `s per round` is the mean wall time of a "
         "round as logged (recorded since 2026-11-28); runs trained side by side shared the "
         "machine (see how many under each run's machine below). The per-epoch column is "
-        "rounded to 0.1 (95.16 prints as 95.2); the last, best and first >= 95.2% columns "
+        f"rounded to 0.1 (95.16 prints as 95.2); the last, best and first >= {TARGET}% columns "
         "use the unrounded top-1 on the 10,000 test images.\n\n"
         + table(["run", "trained on", "s per round", "epochs done",
                  "forward passes per client", "last test top-1 %",
-                 "best %", "first >= 95.2%",
+                 "best %", f"first >= {TARGET}%",
                  "test top-1 after each epoch"], rows)
+        + "\n\n" + verdict(records, epochs)
         + "\n\nRuns (`BAFFLE_ACC_RUNS=NAME python -m benchmarks.run accuracy` resumes one "
         "that stopped short, from `runs/accuracy/NAME` or else from the state the last "
         "machine to train it committed in `benchmarks/results/accuracy/carry/NAME`):"

@@ -356,6 +356,35 @@ def test_accuracy_refuses_an_unknown_run_in_one_line(accuracy, monkeypatch):
         accuracy.main()
 
 
+def test_accuracy_verdict_states_both_targets_met_or_not():
+    from benchmarks.accuracy import verdict
+
+    def rec(*points):  # (epoch, passes per client, top-1) after each epoch
+        return {"curve": [list(p) for p in points], "best": max(p[2] for p in points)}
+
+    # the paper's command spends 17,271 passes an epoch: 345,420 in 20, so half is 172,710
+    protocol = rec((1, 17271, 43.0), (2, 34542, 64.0))
+    short = rec((1, 85671, 90.0), (20, 1713420, 95.19))  # a hair under 95.2 never counts
+    late = rec((21, 100000, 99.0))  # past the 20 epochs
+    bp = rec((4, 684, 96.2)) | {"config": {"method": "bp-fedsgd"}}  # not a BAFFLE run
+    records = {("baffle-fedsgd-round", "CPU"): protocol, ("s", "CPU"): short,
+               ("late", "GPU"): late, ("bp-fedsgd", "CPU"): bp}
+    text = verdict(records, 20)
+    assert "within 20 epochs: **NOT met** by any run (best: 99.00%, late on GPU)" in text
+    assert "at most 172,710): **NOT met** (no run reached the accuracy)" in text
+    records[("k500", "CPU")] = rec((13, 1113723, 95.05), (14, 1199394, 95.28))
+    text = verdict(records, 20)
+    assert "met by k500 on CPU (95.28% at epoch 14, 1,199,394 forward passes" in text
+    assert "**NOT met** (the fewest to reach it: 1,199,394, 3.47x the paper's" in text
+    records[("cheap", "CPU")] = rec((9, 172710, 95.2))  # exactly half: met
+    lines = verdict(records, 20).splitlines()
+    assert lines[0].index("cheap on CPU") < lines[0].index("k500 on CPU")  # fewest first
+    assert lines[1].endswith("met (the fewest to reach it: 172,710, 0.50x the paper's command)")
+    del records[("baffle-fedsgd-round", "CPU")]
+    assert verdict(records, 20).splitlines()[1] == (
+        "- half the forward passes: unknown (no record of baffle-fedsgd-round)")
+
+
 @pytest.mark.parametrize("device,folder", [("cpu", "accuracy"), ("cuda", "accuracy-gpu")])
 def test_gpu_accuracy_runs_live_apart_from_the_cpu_ones(device, folder):
     """A borrowed GPU's run directories travel whole (tarball out, carried back in), so
