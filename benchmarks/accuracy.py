@@ -11,7 +11,9 @@ resumes where it stopped, so the command can be interrupted and re-run; a run na
 ``BAFFLE_ACC_EPOCHS`` (default 20) sets the length,
 ``BAFFLE_ACC_RUNS`` (comma-separated names) a subset, ``BAFFLE_MNIST_DIR`` the data
 (default ``../shared/data/mnist``); ``BAFFLE_ACC_REPORT_ONLY=1`` tabulates without training.
-``BAFFLE_ACC_DEVICE=cuda`` trains on a GPU and ``BAFFLE_ACC_JOBS=N`` runs N trainings at once,
+``BAFFLE_ACC_DEVICE=cuda`` trains on a GPU (``BAFFLE_ACC_SAMPLER=counter`` draws its directions
+in one batch per tensor, where the default draws one per direction and tensor, the bound of a GPU
+step) and ``BAFFLE_ACC_JOBS=N`` runs N trainings at once,
 each in its own process (a GPU has room for many LeNet runs; each logs to
 ``<name>.log`` beside its directory). Where a run trained (``machine()``, plus the GPU) is kept
 beside it and in its saved record.
@@ -44,6 +46,7 @@ from benchmarks.common import ROOT, machine, table, write_section
 
 MNIST = os.environ.get("BAFFLE_MNIST_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
 DEVICE = os.environ.get("BAFFLE_ACC_DEVICE", "cpu")
+SAMPLER = os.environ.get("BAFFLE_ACC_SAMPLER", "torch")
 AUTHORS = dict(dataset="mnist", data_dir=MNIST, model="lenet", norm="none",
                activation="hardswish", clients=10, split="iid", K=100, sigma=1e-4,
                scheme="forward", optimizer="adam", lr=1e-2, ema=True, batch_size=32)
@@ -163,12 +166,13 @@ def curve(run: Path) -> list[tuple[float, float, float]]:
 
 
 def config(name: str, epochs: int) -> TrainConfig:
-    return TrainConfig(**{**AUTHORS, **RUNS[name], "epochs": epochs, "device": DEVICE})
+    return TrainConfig(**{**AUTHORS, **RUNS[name], "epochs": epochs, "device": DEVICE,
+                          "sampler": SAMPLER})
 
 
-# where and how long a run trains, not what it trains: a curve from a GPU stands for the
-# same experiment as one from a CPU (other draws, same distribution)
-NOT_COMPARED = ("epochs", "data_dir", "device", "checkpoint_every", "keep_every")
+# where and how long a run trains, not what it trains: a curve from a GPU, or from the other
+# sampler, stands for the same experiment (other draws of the same N(0, I) directions)
+NOT_COMPARED = ("epochs", "data_dir", "device", "sampler", "checkpoint_every", "keep_every")
 
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -216,8 +220,9 @@ def save(name: str, run: Path, epochs: int) -> None:
         print(f"accuracy: kept the saved {name} ({old['curve'][-1][0]:g} epochs, longer than "
               f"the {pts[-1][0]:g} in {run})")
         return
-    device = {} if cfg.device == "cpu" else {"device": cfg.device}
-    record = {"command": command({**AUTHORS, **RUNS[name], "epochs": epochs, **device}),
+    how = {k: v for k, v in (("device", cfg.device), ("sampler", cfg.sampler))
+           if v != TrainConfig.__dataclass_fields__[k].default}  # flags beyond RUNS[name]
+    record = {"command": command({**AUTHORS, **RUNS[name], "epochs": epochs, **how}),
               "config": cfg.to_dict(), "best": max(p[2] for p in pts),
               "curve": [list(p) for p in pts], "machine": where(name),
               "s_per_round": seconds_per_round(run)}

@@ -7,6 +7,12 @@
 #                                              # the background (setsid: they outlive the call)
 #   scripts/gpu-session.sh progress            # rounds done and seconds per round, per run
 #   scripts/gpu-session.sh collect SECONDS DIR # wait, stop the runs, pack them into DIR
+#   scripts/gpu-session.sh visit SECONDS RUN,RUN,... N DIR
+#                                              # all in one call: check the counter sampler
+#                                              # on CUDA (then the runs use it), start the
+#                                              # runs, run the CUDA tests beside them, pack
+#                                              # the runs into DIR every 45 s, stop them
+#                                              # SECONDS after the start
 #
 # The accuracy runs live in runs/accuracy-gpu/ and resume from their last checkpoint if
 # started again. `collect` packs them whole (checkpoints too, a few MB): unpack the tarball
@@ -60,8 +66,42 @@ collect)
     tar czf "$3/accuracy-runs.tgz" runs/accuracy-gpu
     "$0" progress
     ;;
+visit)
+    t0=$(date +%s)
+    mkdir -p "$5"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    # the counter sampler's CUDA draws must equal its CPU draws (same integer hash; the float
+    # log/cos/sqrt may differ in the last bits) before the runs rely on it
+    if $PY - <<'EOF'
+import torch
+from baffle.directions import counter_normals
+a = counter_normals(12345, range(64), 100_003, "cpu")
+b = counter_normals(12345, range(64), 100_003, "cuda").cpu()
+err = (a - b).abs().max().item()
+print(f"torch {torch.__version__}: counter sampler on CUDA against the CPU, max |diff| "
+      f"{err:.2e} over {a.numel():,} entries, mean {b.mean():+.4f}, std {b.std():.4f}")
+raise SystemExit(0 if err < 1e-4 and abs(b.std() - 1) < 1e-2 else 1)
+EOF
+    then export BAFFLE_ACC_SAMPLER=counter; else export BAFFLE_ACC_SAMPLER=torch; fi
+    echo "runs draw with the $BAFFLE_ACC_SAMPLER sampler"
+    "$0" start "$3" "$4"
+    timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$5/cuda-tests.log" 2>&1 &
+    while [ $(( $(date +%s) - t0 )) -lt "$2" ]; do
+        sleep 15
+        if [ $(( ($(date +%s) - t0) % 45 )) -lt 15 ]; then  # a snapshot, for a call cut short
+            tar czf "$5/.runs.tgz" --exclude='.*' runs/accuracy-gpu 2>/dev/null
+            mv "$5/.runs.tgz" "$5/accuracy-runs.tgz"
+            "$0" progress >"$5/progress.txt" 2>&1
+        fi
+    done
+    pkill -TERM -f "benchmarks.accuracy"
+    sleep 5
+    tar czf "$5/accuracy-runs.tgz" --exclude='.*' runs/accuracy-gpu
+    "$0" progress | tee "$5/progress.txt"
+    tail -n 3 "$5/cuda-tests.log"
+    ;;
 *)
-    sed -n 2,17p "$0"
+    sed -n 2,23p "$0"
     exit 2
     ;;
 esac

@@ -180,3 +180,30 @@ def test_server_replays_a_kept_client_only_from_a_state_it_holds():
     assert steps == {0: 2, 1: 2, 2: 4, 3: 4}  # client 0 replayed fresh, 2 and 3 kept
     for c in (0, 2, 3):
         assert replay_base(fed, c) == optimizer_digest(states[c])
+
+
+@pytest.mark.parametrize("sharing,perturb", [("client", "all"), ("client", "layer"),
+                                             ("round", "all")])
+def test_the_in_process_direction_cache_changes_no_bit(monkeypatch, sharing, perturb):
+    import baffle.simulator as sim
+    from baffle.directions import DirectionCache
+
+    made: list[DirectionCache] = []
+
+    class Counting(DirectionCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    cfg = SMALL.replace(seed_sharing=sharing, perturb=perturb)
+    monkeypatch.setattr(sim, "DirectionCache", Counting)
+    cached = train(cfg)
+    monkeypatch.setattr(sim, "DirectionCache", lambda scheme: None)  # every draw afresh
+    fresh = train(cfg)
+    assert all(torch.equal(a, b) for a, b in
+               zip(cached.model.parameters(), fresh.model.parameters(), strict=True))
+    assert len(made) == cfg.rounds and all(c.misses > 0 for c in made)
+    if sharing == "client":  # the server reads back every direction the clients drew
+        assert all(c.hits == c.misses for c in made)
+    else:  # and under one seed the clients after the first read them too
+        assert all(c.hits >= cfg.clients * c.misses for c in made)

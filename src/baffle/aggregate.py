@@ -112,6 +112,7 @@ def aggregate_gradient(
         if any(u.seeds[0] != seed for u in uploads):
             raise ValueError("shared-seed round with differing seeds")
         return rebuild_gradient(shapes, seed, mean_diffs(uploads), spec, dirs, device, cache)
-    grads = [rebuild_gradient(shapes, u.seeds[0], u.diffs, spec, dirs, device) for u in uploads]
+    grads = [rebuild_gradient(shapes, u.seeds[0], u.diffs, spec, dirs, device, cache)
+             for u in uploads]
     return weighted_tensors(grads, weights_of(uploads))
 

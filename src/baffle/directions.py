@@ -299,7 +299,8 @@ def _counter_directions(scheme: DirectionScheme, seed: int, ks: Sequence[int], p
 class DirectionCache:
     """Directions of one scheme kept for reuse, bit-identical to ``directions``.
 
-    In a shared-seed round every client and the server draw the same K directions; an
+    In a shared-seed round every client and the server draw the same K directions, and
+    in any FedSGD round the server rebuilds from the directions its clients drew; an
     in-process simulator can hand one cache to all of them so each direction is drawn
     once. Entries are per (seed, direction, parameter); beyond ``max_bytes`` it draws
     without storing. Not thread-safe; make one per round and drop it.
@@ -335,8 +336,9 @@ class DirectionCache:
             self.misses += len(missing)
             drawn = directions(self.scheme, seed, [k for _, k in missing], p, shape)
             for (i, k), eps in zip(missing, drawn, strict=True):
-                out[i].copy_(eps)
+                out[i].copy_(eps)  # the caller's own tensor: engines may scale it in place
                 if self.bytes + eps.numel() * 4 <= self.max_bytes:
-                    self._store[(seed, k, p)] = eps.clone()
+                    # a view of the batch, which only the store holds: no copy needed
+                    self._store[(seed, k, p)] = eps
                     self.bytes += eps.numel() * 4
         return out if device is None else out.to(device)

@@ -75,7 +75,7 @@ class Federation:
     dirs: DirectionScheme
     rounds_per_epoch: int
     total_rounds: int
-    cache: DirectionCache | None = None  # this round's shared directions (shared-seed FedSGD)
+    cache: DirectionCache | None = None  # this FedSGD round's drawn directions
 
     def spec_at(self, round_: int) -> EstimatorSpec:
         """The estimator of round ``round_``: ``spec`` with K from the K schedule."""
@@ -519,8 +519,12 @@ def train(
         t0 = time.perf_counter()
         lr = begin_round(fed, r)
         cfg = fed.config
-        if cfg.is_baffle and cfg.round_mode == "fedsgd" and cfg.seed_sharing == "round":
-            fed.cache = DirectionCache(fed.dirs)  # in process, clients and server draw once
+        if cfg.is_baffle and cfg.round_mode == "fedsgd" and (
+                cfg.seed_sharing == "round" or cfg.sampler == "torch"):
+            # in process, the server rebuilds from the directions the clients drew, so each
+            # is drawn once a round (once for all clients under a shared seed); a counter
+            # draw of client seeds is one batch per tensor, cheaper than K cached copies
+            fed.cache = DirectionCache(fed.dirs)
         sampled = sample_clients(cfg, r)
         uploads, failures = [], []
         for c in sampled:
