@@ -21,7 +21,10 @@
 # also writes what resumes each run to benchmarks/results/accuracy/gpu/carry/: commit it,
 # and `start` on a later session's GPU restores the runs from there), and carry
 # runs/accuracy-gpu to this session's next GPU to go on. MNIST is read from $BAFFLE_MNIST_DIR
-# (default ../shared/data/mnist).
+# (default ../shared/data/mnist, which does not travel to a device machine): copy the four .gz
+# files into an ignored folder of the checkout (`.mnist`, listed in .git/info/exclude), name it
+# in the `carry` of EVERY call (an ignored path left out of a call's carry is gone there, and
+# a run started without it fails at once) and export BAFFLE_MNIST_DIR=$PWD/.mnist.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
@@ -101,7 +104,7 @@ EOF
     tail -n 3 "$5/cuda-tests.log"
     ;;
 *)
-    sed -n 2,23p "$0"
+    sed -n 2,27p "$0"
     exit 2
     ;;
 esac
