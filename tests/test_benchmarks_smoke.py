@@ -271,6 +271,32 @@ def test_accuracy_keeps_the_longer_curve_and_a_gpu_record_beside_the_cpu_one(
     assert _row("a", "CPU", text) and _row("a", "GPU", text)
 
 
+def test_accuracy_a_counter_sampler_run_prints_its_sampler_and_stands_for_its_entry(
+        accuracy, tmp_path, monkeypatch):
+    from dataclasses import fields
+
+    from baffle import TrainConfig
+    from baffle.cli import parser
+    from baffle.config import from_dict
+
+    monkeypatch.setattr(accuracy, "RUNS", {"a": dict(lr=0.03)})
+    monkeypatch.setattr(accuracy, "SAMPLER", "counter")  # BAFFLE_ACC_SAMPLER=counter
+    monkeypatch.setenv("BAFFLE_ACC_RUNS", "a")
+    monkeypatch.setenv("BAFFLE_ACC_EPOCHS", "2")
+    accuracy.main()
+    record = json.loads((tmp_path / "results" / "a.json").read_text())
+    assert record["config"]["sampler"] == "counter"
+    args = parser().parse_args(record["command"].split()[1:])  # the row's command, typed in
+    typed = from_dict({f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                       if getattr(args, f.name) is not None})
+    assert typed == accuracy.config("a", 2) and typed.sampler == "counter"
+    # on a machine drawing with the default sampler the record still stands for run a
+    monkeypatch.setattr(accuracy, "SAMPLER", "torch")
+    assert accuracy.load("a", 2) is not None
+    monkeypatch.setitem(accuracy.RUNS, "a", dict(lr=0.05))  # but not once a changes
+    assert accuracy.load("a", 2) is None
+
+
 def test_accuracy_branches_a_run_from_the_one_it_shares_epochs_with(accuracy, tmp_path,
                                                                      monkeypatch, capsys):
     # b is a with K=6 from epoch 1: it starts from a's checkpoint while a has not passed it
