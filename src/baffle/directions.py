@@ -338,7 +338,8 @@ class DirectionCache:
             for (i, k), eps in zip(missing, drawn, strict=True):
                 out[i].copy_(eps)  # the caller's own tensor: engines may scale it in place
                 if self.bytes + eps.numel() * 4 <= self.max_bytes:
-                    # a view of the batch, which only the store holds: no copy needed
+                    # a view of the batch, which only the store holds: no copy (a batch
+                    # stored in part stays whole, so the bound can be passed by one batch)
                     self._store[(seed, k, p)] = eps
                     self.bytes += eps.numel() * 4
         return out if device is None else out.to(device)
