@@ -12,7 +12,9 @@
 #                                              # on CUDA (then the runs use it), start the
 #                                              # runs, run the CUDA tests beside them, pack
 #                                              # the runs into DIR every 45 s, stop them
-#                                              # SECONDS after the start
+#                                              # SECONDS after the start (or sooner, when
+#                                              # all have finished); VISIT_TESTS=0 skips
+#                                              # the CUDA tests
 #
 # The accuracy runs live in runs/accuracy-gpu/ and resume from their last checkpoint if
 # started again. `collect` packs them whole (checkpoints too, a few MB): unpack the tarball
@@ -88,9 +90,13 @@ EOF
     then export BAFFLE_ACC_SAMPLER=counter; else export BAFFLE_ACC_SAMPLER=torch; fi
     echo "runs draw with the $BAFFLE_ACC_SAMPLER sampler"
     "$0" start "$3" "$4"
-    timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$5/cuda-tests.log" 2>&1 &
+    if [ "${VISIT_TESTS:-1}" != 0 ]; then  # VISIT_TESTS=0: the GPU to the runs alone
+        timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+            >"$5/cuda-tests.log" 2>&1 &
+    fi
     while [ $(( $(date +%s) - t0 )) -lt "$2" ]; do
         sleep 15
+        pgrep -f "benchmarks.accuracy" >/dev/null || break  # every run finished
         if [ $(( ($(date +%s) - t0) % 45 )) -lt 15 ]; then  # a snapshot, for a call cut short
             tar czf "$5/.runs.tgz" --exclude='.*' runs/accuracy-gpu 2>/dev/null
             mv "$5/.runs.tgz" "$5/accuracy-runs.tgz"
@@ -101,10 +107,10 @@ EOF
     sleep 5
     tar czf "$5/accuracy-runs.tgz" --exclude='.*' runs/accuracy-gpu
     "$0" progress | tee "$5/progress.txt"
-    tail -n 3 "$5/cuda-tests.log"
+    [ -f "$5/cuda-tests.log" ] && tail -n 3 "$5/cuda-tests.log"
     ;;
 *)
-    sed -n 2,27p "$0"
+    sed -n 2,29p "$0"
     exit 2
     ;;
 esac
