@@ -107,7 +107,7 @@ EOF
     sleep 5
     tar czf "$5/accuracy-runs.tgz" --exclude='.*' runs/accuracy-gpu
     "$0" progress | tee "$5/progress.txt"
-    [ -f "$5/cuda-tests.log" ] && tail -n 3 "$5/cuda-tests.log"
+    if [ -f "$5/cuda-tests.log" ]; then tail -n 3 "$5/cuda-tests.log"; fi
     ;;
 *)
     sed -n 2,29p "$0"
