@@ -13,8 +13,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from baffle.client import local_step
 from baffle.directions import DirectionScheme, directions, layer_blocks
 from baffle.estimator import EstimatorSpec, choose_engine, loss_differences, trainable_params
+from baffle.reconstruct import rebuild_gradient
 from benchmarks import engines_common, memory, throughput
 from benchmarks.common import table, write_section
 from benchmarks.engines_common import make
@@ -136,6 +138,54 @@ def speed(name: str, peak: float) -> tuple[str, dict[str, float]]:
                   "GFLOP/s", "of fp32 peak"], rows), facts
 
 
+def loop_rebuild(shapes: list[torch.Size], seed: int, diffs: torch.Tensor, spec: EstimatorSpec,
+                 dirs: DirectionScheme, dev: str) -> list[torch.Tensor]:
+    """The rebuild as baffle ran it on a GPU before the scan: one ``add_`` per direction."""
+    w = (diffs * spec.scale).tolist()
+    grads = []
+    for p, shape in enumerate(shapes):
+        g = torch.zeros(shape, device=dev)
+        for k, eps in enumerate(directions(dirs, seed, range(spec.K), p, shape, dev)):
+            g.add_(eps, alpha=w[k])
+        grads.append(g)
+    return grads
+
+
+def epoch_step(dev: str = DEV, k: int = K, reps: int = REPS) -> str:
+    """One epoch-mode local step of LeNet (batch 32) on ``dev``: the estimate, the rebuild
+    (per-direction adds against baffle's scan), and estimate + the client's step + the
+    server's replay of it, per sampler."""
+    rows = []
+    for sampler in ("torch", "counter"):
+        client, x, y = make("lenet")
+        client, x, y = client.to(dev), x.to(dev), y.to(dev)
+        server = copy.deepcopy(client)
+        spec, dirs = EstimatorSpec(k, SIGMA), DirectionScheme(device=dev, sampler=sampler)
+        opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (client, server)]
+        shapes = [p.shape for p in trainable_params(client).values()]
+        diffs = loss_differences(client, F.cross_entropy, x, y, 7, spec, dirs, "auto").diffs
+
+        def full() -> None:
+            d = loss_differences(client, F.cross_entropy, x, y, 7, spec, dirs, "auto").diffs
+            local_step(client, opts[0], 7, d, spec, dirs, 0.3)
+            local_step(server, opts[1], 7, d, spec, dirs, 0.3)
+
+        fns = {
+            "estimate (auto)": lambda: loss_differences(client, F.cross_entropy, x, y, 7, spec,
+                                                        dirs, "auto"),
+            "rebuild, one add per direction": lambda: loop_rebuild(shapes, 7, diffs, spec, dirs,
+                                                                   dev),
+            "rebuild (baffle)": lambda: rebuild_gradient(shapes, 7, diffs, spec, dirs, dev),
+            "estimate + client step + server replay": full,
+        }
+        times = interleaved(fns, reps)
+        loop, scan = times["rebuild, one add per direction"], times["rebuild (baffle)"]
+        rows += [[sampler, name, f"{t * 1e3:.2f}",
+                  f"{loop / scan:.1f}x" if name == "rebuild (baffle)" else ""]
+                 for name, t in times.items()]
+    return table(["sampler", "part of a local step", "ms", "vs one add per direction"], rows)
+
+
 WIDE = "BAFFLE auto, chunk 100"
 
 
@@ -187,6 +237,11 @@ def main() -> None:
             f"cuDNN's TF32 convolutions on: {guarded:.1e} through the estimator (which runs "
             f"under `exact_fp32`), {bare:.1e} without that guard.\n\nPeak GPU memory of one "
             f"step (allocator high-water mark above the model and batch):\n\n{gpu_memory(name)}")
+    parts.append(f"One epoch-mode local step, LeNet, batch 32, K={K} (best of {REPS} "
+                 "interleaved, each synchronised). A local step runs the estimate, rebuilds "
+                 "the gradient from its K scalars and steps Adam (clip 0.3); the server "
+                 "repeats the rebuild and the step to replay it (`--mode epoch`):\n\n"
+                 + epoch_step())
     body = (f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA "
             f"{torch.version.cuda}. Measured float32 matmul peak (8192^3): "
             f"{peak['fp32']:,.0f} GFLOP/s full float32, {peak['tf32']:,.0f} GFLOP/s TF32; the "

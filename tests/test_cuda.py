@@ -4,15 +4,20 @@ fingerprint of GPU-drawn directions, and training (learns, resumes bit-identical
 Skipped without a GPU; run on one with ``pytest tests/test_cuda.py``.
 """
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from baffle import TrainConfig, train
+from baffle.client import local_epoch_update, local_optimizer, replay_local_epoch
 from baffle.directions import DirectionScheme, directions, layer_blocks
 from baffle.errors import SchemeMismatchError
 from baffle.estimator import EstimatorSpec, choose_engine, loss_differences
 from baffle.models import build_model
+from baffle.reconstruct import rebuild_gradient
+from baffle.server import make_optimizer
 from benchmarks.gpu import float64_diffs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -114,3 +119,33 @@ def test_gpu_run_resumes_bit_identically(tmp_path, extra):
     res = train(cfg, run_dir=tmp_path / "cut", resume=True)
     for a, b in zip(ref.model.state_dict().values(), res.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sampler", ["torch", "counter"])
+def test_gpu_rebuild_is_the_cpus_to_rounding_and_replays_exactly(sampler):
+    """The GPU rebuild sums by a scan (``scan_sum``), not a loop: the CPU's result to
+    float32 rounding, and the server's replay of a local epoch is the client's, bit for bit."""
+    shapes = [torch.Size((64, 16, 5, 5)), torch.Size((10,))]
+    spec = EstimatorSpec(100, 1e-4)
+    d = torch.randn(100, generator=torch.Generator().manual_seed(0)) * 1e-4
+    dirs = DirectionScheme(sampler=sampler)  # drawn on the CPU: same directions on both
+    cpu = rebuild_gradient(shapes, 7, d, spec, dirs)
+    gpu = rebuild_gradient(shapes, 7, d, spec, dirs, "cuda")
+    assert all(torch.equal(a, b) for a, b in zip(gpu, rebuild_gradient(shapes, 7, d, spec,
+                                                                        dirs, "cuda")))
+    for a, b in zip(cpu, gpu):
+        assert torch.allclose(a, b.cpu(), rtol=0, atol=1e-5 * float(a.abs().max()))
+    make_opt = functools.partial(make_optimizer, "adam", lr=1e-2)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.rand(8, 1, 8, 8, generator=g).cuda(),
+                torch.randint(0, 10, (8,), generator=g).cuda()) for _ in range(3)]
+    client, server = (build_model("lenet", num_classes=10, in_channels=1,
+                                  generator=torch.Generator().manual_seed(0)).cuda()
+                      for _ in range(2))
+    gdirs = DirectionScheme(device="cuda", sampler=sampler)
+    upload = local_epoch_update(0, client, F.cross_entropy, batches, [11, 12, 13], spec, gdirs,
+                                local_optimizer(make_opt, client), 0.3)
+    replayed = replay_local_epoch(server, upload, spec, gdirs, local_optimizer(make_opt, server),
+                                  0.3)
+    for r, c in zip(replayed, client.parameters(), strict=True):
+        assert torch.equal(r, c.detach())

@@ -179,3 +179,37 @@ def test_auto_caps_its_chunk_at_two_on_a_cpu_and_at_k_on_a_gpu():
     assert auto_chunk_cap(torch.device("cuda"), 32, 100) == 100  # a device object, no GPU needed
     model, x, _ = _model("lenet")
     assert choose_engine(model, x, 100, "auto").chunk == 2  # this machine's CPU
+
+
+def test_a_wide_chunk_takes_its_losses_in_one_vmap_call_and_equals_sequential():
+    """From VMAP_LOSSES perturbations per pass the losses come from one batched call."""
+    model, x, y = _model("lenet")
+    K = eng.VMAP_LOSSES + 8
+    spec = EstimatorSpec(K, 1e-3)
+    calls = []
+
+    def counted(logits, target):
+        calls.append(logits.shape)
+        return F.cross_entropy(logits, target)
+
+    ref = loss_differences(model, F.cross_entropy, x, y, 4, spec, DIRS, "sequential")
+    est = loss_differences(model, counted, x, y, 4, spec, DIRS, "batched", K)
+    assert torch.allclose(est.diffs, ref.diffs, atol=2e-6, rtol=0)
+    assert len(calls) == 2  # one batched call for the K losses, one for the base loss
+
+
+def test_per_k_losses_fall_back_to_the_loop_for_a_loss_vmap_cannot_batch():
+    g = torch.Generator().manual_seed(0)
+    per_k = torch.randn(6, eng.VMAP_LOSSES, 10, generator=g)
+    y = torch.randint(0, 10, (6,), generator=g)
+
+    def data_dependent(logits, target):  # .item() is data-dependent control flow for vmap
+        loss = F.cross_entropy(logits, target)
+        return loss * 2 if loss.item() > 1e9 else loss
+
+    loop = torch.stack([F.cross_entropy(per_k[:, j], y) for j in range(per_k.shape[1])])
+    batched = eng.per_k_losses(F.cross_entropy, per_k, y)
+    fallback = eng.per_k_losses(data_dependent, per_k, y)
+    assert torch.equal(fallback, loop)  # the loop itself: same ops, same bits
+    assert torch.allclose(batched, loop, atol=1e-6, rtol=0)
+    assert not torch.equal(batched, torch.zeros_like(batched))

@@ -12,7 +12,7 @@ from baffle.aggregate import Upload, aggregate_gradient, mean_diffs
 from baffle.client import local_epoch_update, local_optimizer, replay_local_epoch
 from baffle.directions import DirectionScheme
 from baffle.estimator import EstimatorSpec, loss_differences
-from baffle.reconstruct import rebuild_gradient, rescale_inf_norm, write_grads
+from baffle.reconstruct import rebuild_gradient, rescale_inf_norm, scan_sum, write_grads
 from baffle.server import make_optimizer
 
 DIRS = DirectionScheme()
@@ -200,3 +200,26 @@ def test_rebuild_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+@pytest.mark.parametrize("n", [7, 25_600])
+def test_scan_sum_is_the_ordered_sum_whatever_the_thread_count(n):
+    """The GPU rebuild's accumulation (``scan_sum``), run here on the CPU: it equals the
+    per-direction loop to float32 rounding and does not change with the thread count."""
+    g = torch.Generator().manual_seed(3)
+    eps, w = torch.randn(64, n, generator=g), torch.randn(64, generator=g)
+    loop = torch.zeros(n)
+    for i in range(64):
+        loop.add_(eps[i], alpha=float(w[i]))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = scan_sum(eps.clone(), w)
+        torch.set_num_threads(max(2, threads))
+        many = scan_sum(eps.clone(), w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+    assert torch.allclose(one, loop, atol=1e-5 * loop.abs().max().item(), rtol=0)
+    assert torch.allclose(one.double(), (w.double() @ eps.double()), rtol=0,
+                          atol=1e-5 * loop.abs().max().item())

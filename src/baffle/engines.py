@@ -64,6 +64,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Perturbations per grouped pass on a CPU under `auto`: wider grouped convs lose to dense
 # ones and activations fall out of cache (measured: BENCHMARKS.md, section throughput).
 CPU_CHUNK_CAP = 2
+# Perturbations per pass from which their losses are taken in one vmap-batched call: on a
+# CPU (1 thread) vmap costs about 0.34 ms a call and the loop 0.02 ms a column.
+VMAP_LOSSES = 32
 
 
 @contextmanager
@@ -422,10 +425,21 @@ def grouped_losses(
         logits, stacked = _Stacked(plan_, perturbed, len(ks), cl, base=base).run(xx)
         if not stacked:
             raise Unsupported("the output does not depend on any perturbed parameter")
-        per_k = logits.unflatten(1, (len(ks), -1))
-        out[list(ks)] = torch.stack([loss_fn(per_k[:, j], y) for j in range(len(ks))]
-                                    ).float().cpu()
+        out[list(ks)] = per_k_losses(loss_fn, logits.unflatten(1, (len(ks), -1)), y)
     return out
+
+
+def per_k_losses(loss_fn: LossFn, per_k: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``loss_fn(per_k[:, j], y)`` for each j, as a float32 CPU vector. From
+    ``VMAP_LOSSES`` columns on, one ``vmap``-batched call (a few launches, not a few per
+    column) where torch.func can batch ``loss_fn``; below that vmap's fixed cost is more
+    than the loop's. Equal to the loop to float32 rounding."""
+    if per_k.shape[1] >= VMAP_LOSSES:
+        try:
+            return vmap(loss_fn, in_dims=(1, None))(per_k, y).float().cpu()
+        except Exception as e:  # noqa: BLE001 - a loss vmap cannot batch: take the loop
+            log.debug("vmap cannot batch the loss (%s); evaluating it per perturbation", e)
+    return torch.stack([loss_fn(per_k[:, j], y) for j in range(per_k.shape[1])]).float().cpu()
 
 
 def activation_bytes(plan_: GroupedPlan, x: torch.Tensor) -> tuple[int, int]:

@@ -12,6 +12,7 @@ scalars first and rebuild once. Nothing but the seed and the scalars is needed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -21,7 +22,7 @@ from baffle.engines import drawer
 from baffle.errors import UploadError
 from baffle.estimator import EstimatorSpec
 
-_CHUNK = 64  # directions regenerated at a time: bounds scratch memory to 64 x largest tensor
+_SCRATCH = 64 << 20  # bytes of directions regenerated at a time (at least one direction)
 
 
 def rebuild_gradient(
@@ -41,20 +42,34 @@ def rebuild_gradient(
     if d.shape != (spec.K,):
         raise UploadError(f"expected {spec.K} loss differences, got shape {tuple(d.shape)}")
     weights = [dk * w for dk, w in zip(d.tolist(), dirs.weights(spec.K))]
+    on_gpu = torch.device(device).type != "cpu"
+    w_dev = torch.tensor(weights, device=device) if on_gpu else None
     grads = []
     for p, shape in enumerate(shapes):
         g = torch.zeros(shape, dtype=torch.float32, device=device)
         moving = dirs.moving(p, spec.K)  # the other directions are zero on this tensor
-        for start in range(0, len(moving), _CHUNK):
-            ks = moving[start:start + _CHUNK]
+        chunk = max(1, _SCRATCH // (4 * max(1, math.prod(shape))))
+        for start in range(0, len(moving), chunk):
+            ks = moving[start:start + chunk]
             eps = draw(ks, p, shape, device)
-            # Elementwise accumulation in a fixed k order: unlike a matmul, its rounding
-            # does not depend on the thread count, so a server replaying a client's local
-            # steps gets the client's exact gradient on any machine.
-            for i, k in enumerate(ks):
-                g.add_(eps[i], alpha=weights[k])
+            # Every entry is summed in k order whatever the thread count (unlike a
+            # matmul), so a server replaying a client's local steps gets the client's
+            # exact gradient on any machine of the same device type.
+            if w_dev is None:  # CPU: one vectorised add per direction (faster than a scan)
+                for i, k in enumerate(ks):
+                    g.add_(eps[i], alpha=weights[k])
+            else:  # GPU: four launches per chunk, not one per direction
+                w = w_dev[ks.start:ks.stop:ks.step] if isinstance(ks, range) else w_dev[list(ks)]
+                g.add_(scan_sum(eps, w).view(shape))
         grads.append(g.mul_(spec.scale))
     return grads
+
+
+def scan_sum(eps: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i eps_i over dim 0, added in i order for each entry on its own (a scan down
+    dim 0: one GPU thread walks each column), so no thread count or launch configuration
+    changes its rounding. Scales ``eps`` in place; returns a flat tensor."""
+    return eps.view(len(w), -1).mul_(w.view(-1, 1)).cumsum_(0)[-1]
 
 
 def write_grads(params: Iterable[torch.nn.Parameter], grads: Sequence[torch.Tensor]) -> None:
@@ -70,7 +85,7 @@ def rescale_inf_norm(grads: Sequence[torch.Tensor], max_abs: float | None) -> li
     """
     if max_abs is None:
         return list(grads)
-    peak = max(float(g.abs().max()) for g in grads if g.numel())
+    peak = float(torch.stack([g.abs().max() for g in grads if g.numel()]).max())  # one sync
     if peak <= max_abs:
         return list(grads)
     return [g * (max_abs / peak) for g in grads]
