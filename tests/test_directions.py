@@ -184,3 +184,26 @@ def test_counter_sampler_with_layer_blocks_zeroes_exactly_the_other_layers():
             for i, k in enumerate(ks):
                 assert torch.equal(got[i], direction(layered, 5, k, p, (3, 4)))
                 assert bool((got[i] != 0).any()) == layered.perturbs(k, p), (ks, p, k)
+
+
+@pytest.mark.parametrize("sampler", ["torch", "counter"])
+def test_a_cache_hands_back_a_range_it_drew_whole_in_one_copy(sampler):
+    """Asked again for a range it drew in one batch, the cache returns that batch's values,
+    as a tensor of the caller's own, and counts every direction as a hit."""
+    from baffle.directions import DirectionCache
+
+    dirs = DirectionScheme(sampler=sampler)
+    cache = DirectionCache(dirs)
+    fresh = directions(dirs, 4, range(6), 1, (3, 5))
+    first = cache.directions(4, range(6), 1, (3, 5))
+    assert cache.misses == 6 and cache.hits == 0 and torch.equal(first, fresh)
+    again = cache.directions(4, range(6), 1, (3, 5))
+    assert cache.hits == 6 and torch.equal(again, fresh)
+    again.mul_(0)  # engines scale what they get in place: the cache must not see it
+    assert torch.equal(cache.directions(4, range(6), 1, (3, 5)), fresh)
+    assert torch.equal(cache.directions(4, range(2, 5), 1, (3, 5)), fresh[2:5])  # per k
+    assert not torch.equal(cache.directions(5, range(6), 1, (3, 5)), fresh)  # other seed
+    tiny = DirectionCache(dirs, max_bytes=3 * 15 * 4)  # room for half the range
+    tiny.directions(4, range(6), 1, (3, 5))
+    assert torch.equal(tiny.directions(4, range(6), 1, (3, 5)), fresh)
+    assert tiny.hits == 3  # kept in part: only the stored half hits, never a whole batch

@@ -302,13 +302,17 @@ class DirectionCache:
     In a shared-seed round every client and the server draw the same K directions, and
     in any FedSGD round the server rebuilds from the directions its clients drew; an
     in-process simulator can hand one cache to all of them so each direction is drawn
-    once. Entries are per (seed, direction, parameter); beyond ``max_bytes`` it draws
-    without storing. Not thread-safe; make one per round and drop it.
+    once. Entries are per (seed, direction, parameter), and a range of directions drawn
+    together is also kept whole, so asking for that range again costs one copy, not one per
+    direction (a GPU's launches). Beyond ``max_bytes`` it draws without storing. Not
+    thread-safe; make one per round and drop it.
     """
 
     def __init__(self, scheme: DirectionScheme, max_bytes: int = 512 << 20) -> None:
         self.scheme, self.max_bytes, self.bytes = scheme, max_bytes, 0
         self._store: dict[tuple[int, int, int], torch.Tensor] = {}
+        # (seed, p, start, stop, step) -> a whole batch drawn for that range of directions
+        self._batches: dict[tuple[int, int, int, int, int], torch.Tensor] = {}
         self.hits = self.misses = 0
 
     def directions(
@@ -320,6 +324,11 @@ class DirectionCache:
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Same values as ``directions(self.scheme, seed, ks, p, shape, device)``."""
+        key = (seed, p, ks.start, ks.stop, ks.step) if isinstance(ks, range) else None
+        whole = self._batches.get(key) if key is not None else None
+        if whole is not None and whole.shape[1:] == tuple(shape):  # one copy, not len(ks)
+            self.hits += len(ks)
+            return whole.clone() if device is None else whole.to(device, copy=True)
         make = torch.zeros if self.scheme.blocks else torch.empty
         out = make((len(ks), *shape), dtype=torch.float32, device=self.scheme.device)
         missing = []
@@ -335,6 +344,7 @@ class DirectionCache:
         if missing:  # drawn together: one batch for the counter sampler
             self.misses += len(missing)
             drawn = directions(self.scheme, seed, [k for _, k in missing], p, shape)
+            stored = 0
             for (i, k), eps in zip(missing, drawn, strict=True):
                 out[i].copy_(eps)  # the caller's own tensor: engines may scale it in place
                 if self.bytes + eps.numel() * 4 <= self.max_bytes:
@@ -342,4 +352,7 @@ class DirectionCache:
                     # stored in part stays whole, so the bound can be passed by one batch)
                     self._store[(seed, k, p)] = eps
                     self.bytes += eps.numel() * 4
+                    stored += 1
+            if key is not None and stored == len(ks):  # the same request again: one copy
+                self._batches[key] = drawn  # the very storage of the views above
         return out if device is None else out.to(device)
