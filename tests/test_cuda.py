@@ -149,3 +149,22 @@ def test_gpu_rebuild_is_the_cpus_to_rounding_and_replays_exactly(sampler):
                                   0.3)
     for r, c in zip(replayed, client.parameters(), strict=True):
         assert torch.equal(r, c.detach())
+
+
+@pytest.mark.parametrize("sharing", ["client", "round"])
+def test_the_gpu_direction_cache_changes_no_bit(monkeypatch, sharing):
+    """On a GPU the simulator caches counter directions of client seeds too: the server
+    reads each client's K directions back in one copy per tensor."""
+    import baffle.simulator as sim
+
+    cfg = SMALL.replace(rounds=3, epochs=0, seed_sharing=sharing, sampler="counter")
+    made = []
+    real = sim.DirectionCache
+    monkeypatch.setattr(sim, "DirectionCache", lambda scheme: made.append(real(scheme))
+                        or made[-1])
+    cached = train(cfg)
+    monkeypatch.setattr(sim, "DirectionCache", lambda scheme: None)  # every draw afresh
+    fresh = train(cfg)
+    assert len(made) == 3 and all(c.hits >= c.misses > 0 for c in made)
+    assert all(torch.equal(a, b) for a, b in
+               zip(cached.model.parameters(), fresh.model.parameters(), strict=True))

@@ -520,10 +520,12 @@ def train(
         lr = begin_round(fed, r)
         cfg = fed.config
         if cfg.is_baffle and cfg.round_mode == "fedsgd" and (
-                cfg.seed_sharing == "round" or cfg.sampler == "torch"):
+                cfg.seed_sharing == "round" or cfg.sampler == "torch" or cfg.device != "cpu"):
             # in process, the server rebuilds from the directions the clients drew, so each
-            # is drawn once a round (once for all clients under a shared seed); a counter
-            # draw of client seeds is one batch per tensor, cheaper than K cached copies
+            # is drawn once a round (once for all clients under a shared seed). On a CPU a
+            # counter draw of client seeds is one batch per tensor, cheaper than the K
+            # cached copies the rebuild would read back (the estimate drew 2 at a time); a
+            # GPU estimate draws all K at once, which the rebuild reads back in one copy.
             fed.cache = DirectionCache(fed.dirs)
         sampled = sample_clients(cfg, r)
         uploads, failures = [], []
