@@ -13,7 +13,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from baffle.client import local_step
+import baffle.client
+
+from baffle.client import local_epoch_update, replay_local_epoch
 from baffle.directions import DirectionScheme, directions, layer_blocks
 from baffle.estimator import EstimatorSpec, choose_engine, loss_differences, trainable_params
 from baffle.reconstruct import rebuild_gradient
@@ -153,8 +155,9 @@ def loop_rebuild(shapes: list[torch.Size], seed: int, diffs: torch.Tensor, spec:
 
 def epoch_step(dev: str = DEV, k: int = K, reps: int = REPS) -> str:
     """One epoch-mode local step of LeNet (batch 32) on ``dev``: the estimate, the rebuild
-    (per-direction adds against baffle's scan), and estimate + the client's step + the
-    server's replay of it, per sampler."""
+    (per-direction adds against baffle's), and estimate + the client's step + the server's
+    replay of it (with the client's rebuild reading back its estimate's directions, and
+    drawing them again), per sampler."""
     rows = []
     for sampler in ("torch", "counter"):
         client, x, y = make("lenet")
@@ -165,10 +168,16 @@ def epoch_step(dev: str = DEV, k: int = K, reps: int = REPS) -> str:
         shapes = [p.shape for p in trainable_params(client).values()]
         diffs = loss_differences(client, F.cross_entropy, x, y, 7, spec, dirs, "auto").diffs
 
-        def full() -> None:
-            d = loss_differences(client, F.cross_entropy, x, y, 7, spec, dirs, "auto").diffs
-            local_step(client, opts[0], 7, d, spec, dirs, 0.3)
-            local_step(server, opts[1], 7, d, spec, dirs, 0.3)
+        def full(step_cache: int = baffle.client.STEP_CACHE) -> None:
+            """The simulator's calls, one local step long; ``step_cache`` 0: the client's
+            rebuild draws its directions again instead of reading back the estimate's."""
+            saved, baffle.client.STEP_CACHE = baffle.client.STEP_CACHE, step_cache
+            try:
+                u = local_epoch_update(0, client, F.cross_entropy, [(x, y)], [7], spec, dirs,
+                                       opts[0], 0.3)
+            finally:
+                baffle.client.STEP_CACHE = saved
+            replay_local_epoch(server, u, spec, dirs, opts[1], 0.3)
 
         fns = {
             "estimate (auto)": lambda: loss_differences(client, F.cross_entropy, x, y, 7, spec,
@@ -177,13 +186,17 @@ def epoch_step(dev: str = DEV, k: int = K, reps: int = REPS) -> str:
                                                                    dev),
             "rebuild (baffle)": lambda: rebuild_gradient(shapes, 7, diffs, spec, dirs, dev),
             "estimate + client step + server replay": full,
+            "the same, the client's rebuild drawing again": lambda: full(0),
         }
         times = interleaved(fns, reps)
-        loop, scan = times["rebuild, one add per direction"], times["rebuild (baffle)"]
+        # baffle's way against the row above it: the loop, and the client drawing again
+        over = {"rebuild (baffle)": "rebuild, one add per direction",
+                "estimate + client step + server replay":
+                    "the same, the client's rebuild drawing again"}
         rows += [[sampler, name, f"{t * 1e3:.2f}",
-                  f"{loop / scan:.1f}x" if name == "rebuild (baffle)" else ""]
+                  f"{times[over[name]] / t:.2f}x" if name in over else ""]
                  for name, t in times.items()]
-    return table(["sampler", "part of a local step", "ms", "vs one add per direction"], rows)
+    return table(["sampler", "part of a local step", "ms", "speed-up"], rows)
 
 
 WIDE = "BAFFLE auto, chunk 100"
@@ -240,7 +253,10 @@ def main() -> None:
     parts.append(f"One epoch-mode local step, LeNet, batch 32, K={K} (best of {REPS} "
                  "interleaved, each synchronised). A local step runs the estimate, rebuilds "
                  "the gradient from its K scalars and steps Adam (clip 0.3); the server "
-                 "repeats the rebuild and the step to replay it (`--mode epoch`):\n\n"
+                 "repeats the rebuild and the step to replay it (`--mode epoch`). `speed-up` "
+                 "is the time of the row named after it over this row's: baffle's rebuild "
+                 "against one `add_` per direction, and the client's rebuild reading back "
+                 "the directions its estimate drew against drawing them again:\n\n"
                  + epoch_step())
     body = (f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA "
             f"{torch.version.cuda}. Measured float32 matmul peak (8192^3): "

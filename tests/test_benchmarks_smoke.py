@@ -500,7 +500,7 @@ def test_the_gpu_benchmarks_epoch_step_table_runs_on_a_cpu():
     torch.set_num_threads(1)
     text = epoch_step("cpu", k=6, reps=1)
     rows = [r for r in text.splitlines()[2:] if r.startswith("|")]
-    assert len(rows) == 8
+    assert len(rows) == 10
     assert all(float(r.split("|")[3]) > 0 for r in rows)
     spec, shapes = EstimatorSpec(6, 1e-3), [torch.Size((4, 3)), torch.Size((5,))]
     d = torch.randn(6, generator=torch.Generator().manual_seed(0))

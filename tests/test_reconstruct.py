@@ -223,3 +223,32 @@ def test_scan_sum_is_the_ordered_sum_whatever_the_thread_count(n):
     assert torch.allclose(one, loop, atol=1e-5 * loop.abs().max().item(), rtol=0)
     assert torch.allclose(one.double(), (w.double() @ eps.double()), rtol=0,
                           atol=1e-5 * loop.abs().max().item())
+
+
+def test_a_local_step_rebuilds_from_the_directions_its_estimate_drew(monkeypatch):
+    """Each local step draws its K directions once: the rebuild reads them back from the
+    step's cache (the replay above checks that this changes no bit)."""
+    import baffle.client as client
+    from baffle.directions import DirectionCache
+    from baffle.models import build_model
+    import torch.nn.functional as F
+
+    made: list[DirectionCache] = []
+
+    class Counting(DirectionCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(client, "DirectionCache", Counting)
+    model = build_model("lenet", num_classes=10, in_channels=1,
+                        generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.rand(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
+               for _ in range(3)]
+    spec = EstimatorSpec(12, 1e-3)
+    opt = local_optimizer(functools.partial(make_optimizer, "adam", lr=1e-2), model)
+    local_epoch_update(0, model, F.cross_entropy, batches, [1, 2, 3], spec, DIRS, opt, 0.3)
+    n_tensors = len(list(model.parameters()))
+    assert len(made) == 3  # one per step
+    assert all(c.misses == 12 * n_tensors and c.hits == 12 * n_tensors for c in made)

@@ -24,6 +24,7 @@ from baffle.reconstruct import rebuild_gradient
 from baffle.server import step_with_gradient
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+STEP_CACHE = 64 << 20  # bytes of one local step's directions kept for its own rebuild
 OptimizerMaker = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -56,12 +57,14 @@ def local_step(
     spec: EstimatorSpec,
     dirs: DirectionScheme,
     clip: float | None,
+    cache: DirectionCache | None = None,
 ) -> None:
-    """Rebuild the gradient from (seed, diffs) and step: identical on client and server."""
+    """Rebuild the gradient from (seed, diffs) and step: identical on client and server
+    (``cache``: directions the client's estimate drew, same values, drawn once)."""
     device = next(iter(trainable_params(model).values())).device
     shapes = [p.shape for p in trainable_params(model).values()]
-    step_with_gradient(model, optimizer, rebuild_gradient(shapes, seed, diffs, spec, dirs, device),
-                       clip)
+    step_with_gradient(model, optimizer,
+                       rebuild_gradient(shapes, seed, diffs, spec, dirs, device, cache), clip)
 
 
 def local_optimizer(make_optimizer: OptimizerMaker, model: nn.Module,
@@ -115,9 +118,11 @@ def local_epoch_update(
     (over that copy's parameters, see ``local_optimizer``); upload (E, K) scalars."""
     rows, losses = [], []
     for (x, y), seed in zip(batches, seeds, strict=True):
+        # the step's rebuild reads back what its estimate drew (up to STEP_CACHE bytes)
+        cache = DirectionCache(dirs, max_bytes=STEP_CACHE)
         est = loss_differences(model, loss_fn, x, y, seed, spec, dirs, engine, chunk,
-                               max_memory=max_memory)
-        local_step(model, optimizer, seed, est.diffs, spec, dirs, clip)
+                               max_memory=max_memory, cache=cache)
+        local_step(model, optimizer, seed, est.diffs, spec, dirs, clip, cache)
         rows.append(est.diffs)
         losses.append(est.loss)
     return Upload(client, sum(len(y) for _, y in batches), tuple(seeds), torch.stack(rows),
