@@ -252,3 +252,7 @@ def test_a_local_step_rebuilds_from_the_directions_its_estimate_drew(monkeypatch
     n_tensors = len(list(model.parameters()))
     assert len(made) == 3  # one per step
     assert all(c.misses == 12 * n_tensors and c.hits == 12 * n_tensors for c in made)
+    n_params = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(client, "STEP_CACHE", 12 * n_params * 4 - 1)  # one byte short
+    local_epoch_update(0, model, F.cross_entropy, batches, [1, 2, 3], spec, DIRS, opt, 0.3)
+    assert len(made) == 3  # K directions that do not fit: drawn again, nothing kept

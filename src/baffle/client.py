@@ -24,7 +24,9 @@ from baffle.reconstruct import rebuild_gradient
 from baffle.server import step_with_gradient
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-STEP_CACHE = 64 << 20  # bytes of one local step's directions kept for its own rebuild
+# A local step keeps the K directions its estimate drew for its own rebuild if they fit
+# in this many bytes (LeNet, K=100: 10.7 MB); a bigger model draws them again.
+STEP_CACHE = 64 << 20
 OptimizerMaker = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -117,9 +119,11 @@ def local_epoch_update(
     """E local BAFFLE steps on the client's own copy of the model, stepping ``optimizer``
     (over that copy's parameters, see ``local_optimizer``); upload (E, K) scalars."""
     rows, losses = [], []
+    n_params = sum(p.numel() for p in trainable_params(model).values())
+    reuse = spec.K * n_params * 4 <= STEP_CACHE  # else memory stays near inference's
     for (x, y), seed in zip(batches, seeds, strict=True):
-        # the step's rebuild reads back what its estimate drew (up to STEP_CACHE bytes)
-        cache = DirectionCache(dirs, max_bytes=STEP_CACHE)
+        # the step's rebuild reads back the K directions its estimate drew
+        cache = DirectionCache(dirs) if reuse else None
         est = loss_differences(model, loss_fn, x, y, seed, spec, dirs, engine, chunk,
                                max_memory=max_memory, cache=cache)
         local_step(model, optimizer, seed, est.diffs, spec, dirs, clip, cache)

@@ -329,24 +329,22 @@ class DirectionCache:
         if whole is not None and whole.shape[1:] == tuple(shape):  # one copy, not len(ks)
             self.hits += len(ks)
             return whole.clone() if device is None else whole.to(device, copy=True)
-        make = torch.zeros if self.scheme.blocks else torch.empty
-        out = make((len(ks), *shape), dtype=torch.float32, device=self.scheme.device)
-        missing = []
+        hits, missing = [], []
         for i, k in enumerate(ks):
             if not self.scheme.perturbs(k, p):
                 continue
             hit = self._store.get((seed, k, p))
             if hit is not None:
-                self.hits += 1
-                out[i].copy_(hit)
+                hits.append((i, hit))
             else:
                 missing.append((i, k))
+        self.hits += len(hits)
+        drawn = None
         if missing:  # drawn together: one batch for the counter sampler
             self.misses += len(missing)
             drawn = directions(self.scheme, seed, [k for _, k in missing], p, shape)
             stored = 0
-            for (i, k), eps in zip(missing, drawn, strict=True):
-                out[i].copy_(eps)  # the caller's own tensor: engines may scale it in place
+            for (_, k), eps in zip(missing, drawn, strict=True):
                 if self.bytes + eps.numel() * 4 <= self.max_bytes:
                     # a view of the batch, which only the store holds: no copy (a batch
                     # stored in part stays whole, so the bound can be passed by one batch)
@@ -355,4 +353,15 @@ class DirectionCache:
                     stored += 1
             if key is not None and stored == len(ks):  # the same request again: one copy
                 self._batches[key] = drawn  # the very storage of the views above
+        # the caller's own tensor (engines may scale it in place): one copy of a batch drawn
+        # for every row, else a copy per row
+        if drawn is not None and len(missing) == len(ks):
+            out = drawn.clone()
+        else:
+            make = torch.zeros if self.scheme.blocks else torch.empty
+            out = make((len(ks), *shape), dtype=torch.float32, device=self.scheme.device)
+            for i, hit in hits:
+                out[i].copy_(hit)
+            for (i, _), eps in zip(missing, drawn if drawn is not None else (), strict=True):
+                out[i].copy_(eps)
         return out if device is None else out.to(device)
