@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 import baffle.client
-
 from baffle.client import local_epoch_update, replay_local_epoch
 from baffle.directions import DirectionScheme, directions, layer_blocks
 from baffle.estimator import EstimatorSpec, choose_engine, loss_differences, trainable_params
@@ -142,7 +141,8 @@ def speed(name: str, peak: float) -> tuple[str, dict[str, float]]:
 
 def loop_rebuild(shapes: list[torch.Size], seed: int, diffs: torch.Tensor, spec: EstimatorSpec,
                  dirs: DirectionScheme, dev: str) -> list[torch.Tensor]:
-    """The rebuild as baffle ran it on a GPU before the scan: one ``add_`` per direction."""
+    """The accumulation baffle ran on a GPU before the scan, one ``add_`` per direction
+    (the K directions of a tensor drawn in one call, as baffle's rebuild now draws them)."""
     w = (diffs * spec.scale).tolist()
     grads = []
     for p, shape in enumerate(shapes):
