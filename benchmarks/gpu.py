@@ -13,8 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-import baffle.client
-from baffle.client import local_epoch_update, replay_local_epoch
+from baffle.client import local_epoch_update, local_step
 from baffle.directions import DirectionScheme, directions, layer_blocks
 from baffle.estimator import EstimatorSpec, choose_engine, loss_differences, trainable_params
 from baffle.reconstruct import rebuild_gradient
@@ -168,16 +167,15 @@ def epoch_step(dev: str = DEV, k: int = K, reps: int = REPS) -> str:
         shapes = [p.shape for p in trainable_params(client).values()]
         diffs = loss_differences(client, F.cross_entropy, x, y, 7, spec, dirs, "auto").diffs
 
-        def full(step_cache: int = baffle.client.STEP_CACHE) -> None:
-            """The simulator's calls, one local step long; ``step_cache`` 0: the client's
-            rebuild draws its directions again instead of reading back the estimate's."""
-            saved, baffle.client.STEP_CACHE = baffle.client.STEP_CACHE, step_cache
-            try:
-                u = local_epoch_update(0, client, F.cross_entropy, [(x, y)], [7], spec, dirs,
-                                       opts[0], 0.3)
-            finally:
-                baffle.client.STEP_CACHE = saved
-            replay_local_epoch(server, u, spec, dirs, opts[1], 0.3)
+        def full() -> None:  # the simulator's calls, one local step long
+            u = local_epoch_update(0, client, F.cross_entropy, [(x, y)], [7], spec, dirs,
+                                   opts[0], 0.3)
+            local_step(server, opts[1], 7, u.diffs[0], spec, dirs, 0.3)  # the replay
+
+        def redraw() -> None:  # the same, the client's rebuild drawing its directions again
+            d = loss_differences(client, F.cross_entropy, x, y, 7, spec, dirs, "auto").diffs
+            local_step(client, opts[0], 7, d, spec, dirs, 0.3)
+            local_step(server, opts[1], 7, d, spec, dirs, 0.3)
 
         fns = {
             "estimate (auto)": lambda: loss_differences(client, F.cross_entropy, x, y, 7, spec,
@@ -186,7 +184,7 @@ def epoch_step(dev: str = DEV, k: int = K, reps: int = REPS) -> str:
                                                                    dev),
             "rebuild (baffle)": lambda: rebuild_gradient(shapes, 7, diffs, spec, dirs, dev),
             "estimate + client step + server replay": full,
-            "the same, the client's rebuild drawing again": lambda: full(0),
+            "the same, the client's rebuild drawing again": redraw,
         }
         times = interleaved(fns, reps)
         # baffle's way against the row above it: the loop, and the client drawing again

@@ -211,5 +211,7 @@ def test_per_k_losses_fall_back_to_the_loop_for_a_loss_vmap_cannot_batch():
     batched = eng.per_k_losses(F.cross_entropy, per_k, y)
     fallback = eng.per_k_losses(data_dependent, per_k, y)
     assert torch.equal(fallback, loop)  # the loop itself: same ops, same bits
+    assert data_dependent in eng._UNBATCHABLE  # vmap is not tried again for it
+    assert torch.equal(eng.per_k_losses(data_dependent, per_k, y), loop)
     assert torch.allclose(batched, loop, atol=1e-6, rtol=0)
     assert not torch.equal(batched, torch.zeros_like(batched))

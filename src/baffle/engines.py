@@ -33,8 +33,9 @@ import logging
 import operator
 import os
 import re
+import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,7 @@ CPU_CHUNK_CAP = 2
 # Perturbations per pass from which their losses are taken in one vmap-batched call: on a
 # CPU (1 thread) vmap costs about 0.34 ms a call and the loop 0.02 ms a column.
 VMAP_LOSSES = 32
+_UNBATCHABLE: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()  # losses vmap refused
 
 
 @contextmanager
@@ -434,11 +436,13 @@ def per_k_losses(loss_fn: LossFn, per_k: torch.Tensor, y: torch.Tensor) -> torch
     ``VMAP_LOSSES`` columns on, one ``vmap``-batched call (a few launches, not a few per
     column) where torch.func can batch ``loss_fn``; below that vmap's fixed cost is more
     than the loop's. Equal to the loop to float32 rounding."""
-    if per_k.shape[1] >= VMAP_LOSSES:
+    if per_k.shape[1] >= VMAP_LOSSES and loss_fn not in _UNBATCHABLE:
         try:
             return vmap(loss_fn, in_dims=(1, None))(per_k, y).float().cpu()
         except Exception as e:  # noqa: BLE001 - a loss vmap cannot batch: take the loop
             log.debug("vmap cannot batch the loss (%s); evaluating it per perturbation", e)
+            with suppress(TypeError):  # a callable without weak references: retried
+                _UNBATCHABLE.add(loss_fn)  # not tried again on the next chunk or step
     return torch.stack([loss_fn(per_k[:, j], y) for j in range(per_k.shape[1])]).float().cpu()
 
 
