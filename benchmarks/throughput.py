@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baffle.directions import DirectionScheme, directions, layer_blocks
-from baffle.engines import to_channels_last
+from baffle.engines import max_pool_tiles, tiled_max_pool, to_channels_last
 from baffle.estimator import EstimatorSpec, choose_engine, loss_differences, trainable_params
 from benchmarks.common import ROOT, machine, table, write_section
 from benchmarks.engines_common import QUICK, THREADS, interleaved, make, setup_threads
@@ -69,6 +71,7 @@ def measure(name: str, mm: torch.Tensor) -> tuple[list[list[object]], dict[str, 
 
     auto = choose_engine(model, x, K, "auto")
     assert choose_engine(model, x, K, "auto", blocks=layered.blocks).reuse
+    pools = pool_fns(model, x_cl, auto.chunk)
     fns = {
         "naive load_state_dict loop": lambda: naive_losses(model, x, y, 7),
         "plain forward x K (NCHW)": lambda: plain_passes(model, x, y),
@@ -83,9 +86,14 @@ def measure(name: str, mm: torch.Tensor) -> tuple[list[list[object]], dict[str, 
         # the generator's floor: the same K*n normals from one generator in one call
         "directions floor (one randn)": lambda: torch.randn(K * sum(
             p.numel() for p in params.values())),
+        **pools,
         **peak_fns(mm),
     }
     times = interleaved(fns, REPS)
+    auto_key = next(k for k in times if k.startswith("BAFFLE auto"))
+    plain_fast = min(("plain forward x K (NCHW)", "plain forward x K (channels-last input)"),
+                     key=times.__getitem__)
+    pairs = sorted(paired_ratios(fns[plain_fast], fns[auto_key])) if name == "lenet" else []
     passes = {k: (K if k.startswith("plain") else K + 1) for k in fns}  # naive: base + K
     plain_best = min(times["plain forward x K (NCHW)"],
                      times["plain forward x K (channels-last input)"]) / K
@@ -96,13 +104,12 @@ def measure(name: str, mm: torch.Tensor) -> tuple[list[list[object]], dict[str, 
     run_flops[LAYER_ROW] = layer_direction_flops(model, x, layered.blocks, K) + 2 * flops
     rows = []
     for k, t in times.items():
-        if k.startswith(("directions", "peak")):
+        if k.startswith(("directions", "peak", "pool")):
             continue
         per = t / passes[k]
         rows.append([k, f"{t:.3f}", f"{1 / per:.0f}", f"{naive / per:.2f}x",
                      f"{plain_best / per:.2f}x", f"{run_flops[k] / t / 1e9:.0f}"])
-    auto_key = next(k for k in times if k.startswith("BAFFLE auto"))
-    facts = {"flops": flops, "auto": times[auto_key] / (K + 1), "naive": naive,
+    facts = {"pairs": pairs, "flops": flops, "auto": times[auto_key] / (K + 1), "naive": naive,
              "layer": times[LAYER_ROW] / (K + 1), "layer_share": run_flops[LAYER_ROW] / (K + 1)
              / flops, "n_blocks": layered.n_blocks,
              "plain": plain_best,
@@ -111,6 +118,7 @@ def measure(name: str, mm: torch.Tensor) -> tuple[list[list[object]], dict[str, 
              "dirs_share": times["directions only (K draws)"] / times[auto_key],
              "dirs_floor": times["directions floor (one randn)"] / times[auto_key],
              "n_params": sum(p.numel() for p in params.values()),
+             **{k: t * 1e3 for k, t in times.items() if k.startswith("pool")},
              **{k: 2 * mm.shape[0] ** 3 / t / 1e9 for k, t in times.items()
                 if k.startswith("peak")}}
     facts["peak"] = max(v for k, v in facts.items() if k.startswith("peak"))
@@ -136,6 +144,13 @@ def targets_table() -> str:
     def verdict(v: float, target: float, text: str) -> str:
         return f"{text} {'met' if v >= target else '**NOT met**'}"
 
+    def plain_cell(r: dict[str, Any]) -> str:
+        if "plain_pairs" not in r:
+            return verdict(r["plain"], 1.0, f"{r['plain']:.2f}x")
+        lo, med, hi = r["plain_pairs"]
+        return verdict(min(r["plain"], med), 1.0,
+                       f"{r['plain']:.2f}x (pairs: median {med:.2f}x, {lo:.2f}-{hi:.2f}x)")
+
     rows = []
     for f in sorted(RESULTS.glob("*.json")):
         r = json.loads(f.read_text())
@@ -144,7 +159,7 @@ def targets_table() -> str:
                                                      else ""),
                      verdict(r["naive"], 2.5, f"{r['naive']:.2f}x"),
                      f"{r['bound']:.2f}x",
-                     verdict(r["plain"], 1.0, f"{r['plain']:.2f}x"),
+                     plain_cell(r),
                      f"{r['plain_bound']:.2f}x" if "plain_bound" in r else "-",
                      verdict(r["share"], 0.6, f"{r['share']:.0%} of {r['peak']:.0f} GFLOP/s"),
                      f"{r['layer_naive']:.2f}x, {r['layer_plain']:.2f}x"])
@@ -154,6 +169,24 @@ def targets_table() -> str:
 
 
 PROFILE_REPS = 1 if QUICK else 3
+PAIRS = 2 if QUICK else 15
+
+
+def paired_ratios(plain: Callable[[], object], step: Callable[[], object],
+                  pairs: int = PAIRS) -> list[float]:
+    """Per-pass speed of ``step`` (K+1 passes) over ``plain`` (K passes), once per
+    back-to-back pair, the order alternating: a best-of comparison can favour whichever
+    side caught the quietest moment; the median pair cannot."""
+    out = []
+    for i in range(pairs):
+        t = {}
+        for name, fn in ((("plain", plain), ("step", step)) if i % 2 == 0
+                         else (("step", step), ("plain", plain))):
+            t0 = time.perf_counter()
+            fn()
+            t[name] = time.perf_counter() - t0
+        out.append((t["plain"] / K) / (t["step"] / (K + 1)))
+    return out
 
 
 def conv_ms_per_pass() -> dict[str, float]:
@@ -177,6 +210,24 @@ def conv_ms_per_pass() -> dict[str, float]:
     return best
 
 
+def pool_fns(model: nn.Module, x: torch.Tensor, chunk: int) -> dict[str, Callable[[], object]]:
+    """Timers for the first max pool of ``model`` on one grouped chunk's input to it, the
+    unperturbed pass's (B, C, H, W) repeated chunk times along C: ``F.max_pool2d``, which
+    plain passes run, against ``max_pool_tiles``, which the grouped engine runs."""
+    pool = next((m for m in model.modules() if isinstance(m, nn.MaxPool2d)), None)
+    tile = tiled_max_pool(pool) if pool is not None else None
+    if pool is None or tile is None:
+        return {}
+    seen: list[torch.Tensor] = []
+    handle = pool.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    h = seen[0].repeat(1, chunk, 1, 1).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(max_pool_tiles(h, *tile), pool(h))
+    return {"pool: F.max_pool2d": lambda: pool(h), "pool: tiles": lambda: max_pool_tiles(h, *tile)}
+
+
 def peak_fns(mm: torch.Tensor) -> dict[str, Callable[[], object]]:
     """Two float32 n x n by n x n products: MKL's sgemm (``torch.mm``) and oneDNN's
     (``F.linear`` on oneDNN-layout tensors). On AMD CPUs MKL takes a slower code path, so
@@ -189,7 +240,7 @@ def peak_fns(mm: torch.Tensor) -> dict[str, Callable[[], object]]:
 def main() -> None:
     setup_threads()
     mm = torch.randn(2048, 2048)
-    sections, verdicts, nchw = [], [], 1.0
+    sections, verdicts, nchw, pool_text = [], [], 1.0, ""
     conv = conv_ms_per_pass()
     for name in ("lenet", "wrn-10-2"):
         rows, f = measure(name, mm)
@@ -218,12 +269,25 @@ def main() -> None:
             f"naive loop and {f['plain'] / f['layer']:.2f}x K plain passes per pass.")
         if name == "lenet":
             a, b = f["naive"] / f["auto"], f["plain"] / f["auto"]
+            pairs = f["pairs"]
+            med = statistics.median(pairs)
             # every perturbed pass at a plain pass's cost, plus the draw (per pass)
             plain_bound = f["plain"] / (f["plain"] + f["dirs_share"] * f["auto"])
             nchw = f["nchw_speed"]
+            if "pool: tiles" in f:
+                pool_text = (
+                    "One layer does run faster than in a plain pass: on a CPU the grouped "
+                    "engine pools LeNet's 2x2 tiles by elementwise maxima (bit-identical to "
+                    "`F.max_pool2d`, without its int64 indices), "
+                    f"{f['pool: tiles']:.3f} ms against {f['pool: F.max_pool2d']:.3f} ms on "
+                    "one chunk's input to the pool "
+                    f"({f['pool: F.max_pool2d'] / f['pool: tiles']:.1f}x)"
+                    + ("; that is what lifts auto above the plain bound. " if b > plain_bound
+                       else ". "))
             if not QUICK:
                 save_targets({"machine": machine(), "threads": THREADS, "K": K, "naive": a,
                               "plain": b, "plain_bound": plain_bound, "share": share,
+                              "plain_pairs": [min(pairs), med, max(pairs)],
                               "peak": peak, "bound": bound,
                               "layer_naive": f["naive"] / f["layer"],
                               "layer_plain": f["plain"] / f["layer"]})
@@ -231,9 +295,11 @@ def main() -> None:
                 f"- >= 2.5x the naive loop: {'met' if a >= 2.5 else 'NOT met'} ({a:.2f}x; "
                 f"the peak-FLOP/s bound is {bound:.2f}x)",
                 f"- >= 1.0x K plain forward passes (the faster of NCHW and channels-last): "
-                f"{'met' if b >= 1.0 else 'NOT met'} ({b:.2f}x; an engine whose every "
-                f"perturbed pass cost one plain pass, plus the measured draw, would reach "
-                f"{plain_bound:.2f}x)",
+                f"{'met' if min(b, med) >= 1.0 else 'NOT met'} ({b:.2f}x best of {REPS} "
+                f"against best of {REPS}; {med:.2f}x the median of {len(pairs)} back-to-back "
+                f"pairs, from {min(pairs):.2f}x to {max(pairs):.2f}x; met only if both are "
+                f">= 1.0x. An engine whose every perturbed pass cost one plain pass, plus the "
+                f"measured draw, would reach {plain_bound:.2f}x)",
                 f"- >= 60% of the float32 matmul peak: {'met' if share >= 0.6 else 'NOT met'} "
                 f"({share:.0%} of {peak:.0f} GFLOP/s)",
                 f"- with layer directions instead (not the paper's estimator): "
@@ -249,14 +315,15 @@ def main() -> None:
             + "\n\nThe same targets on every kind of CPU this benchmark has measured (the "
             "latest run on each, kept in `benchmarks/results/throughput/`):\n\n"
             + targets_table()
-            + "\n\nWhy the ceiling is low here: LeNet's forward is 94% one 5x5 conv, which "
+            + "\n\nWhat bounds these ratios: LeNet's forward is 94% one 5x5 conv, which "
             "oneDNN already runs near the core's peak in channels-last; a pass that perturbs "
             "every weight cannot do fewer FLOPs than a plain one, so the estimator can beat K "
-            "plain passes only by running a perturbed pass faster than a plain one. Its "
+            "plain passes only where a perturbed pass runs faster than a plain one. Its "
             f"convolutions do not: under torch.profiler (best of {PROFILE_REPS}) the auto "
             f"step's convolutions took {conv['auto']:.2f} ms a pass against "
             f"{conv['plain']:.2f} ms in K plain passes; the `plain bound` column is what the "
-            "draw alone then leaves. "
+            "draw leaves of an engine whose every perturbed pass costs one plain pass. "
+            + pool_text +
             f"The naive loop is slow mostly because it runs in NCHW, where K plain passes run "
             f"at {nchw:.2f}x their channels-last speed on this CPU (oneDNN's convolution and "
             "max-pooling are slower in NCHW); the peak-FLOP/s bound above is the most "

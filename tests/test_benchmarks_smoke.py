@@ -96,6 +96,37 @@ def test_onednn_peak_kernel_computes_the_product_it_is_credited_with():
     assert torch.allclose(fns["peak: torch.mm (MKL)"](), mm @ mm, atol=1e-4)
 
 
+def test_pool_timers_time_the_same_pool_both_ways_on_a_chunks_input():
+    from benchmarks import throughput
+    from benchmarks.engines_common import make
+
+    model, x, _ = make("lenet")
+    fns = throughput.pool_fns(model, x, 2)
+    ref, tiles = fns["pool: F.max_pool2d"](), fns["pool: tiles"]()
+    assert ref.shape == (x.shape[0], 2 * 16, 16, 16)  # two perturbations' conv1 channels
+    assert torch.equal(ref, tiles)
+    wrn, xw, _ = make("wrn-10-2")
+    assert throughput.pool_fns(wrn, xw, 2) == {}  # no max pool: no timers
+
+
+def test_paired_ratios_alternate_the_order_and_compare_per_pass(monkeypatch):
+    from benchmarks import throughput
+
+    clock, order = [0.0], []
+
+    def run(name, seconds):
+        def fn():
+            order.append(name)
+            clock[0] += seconds
+        return fn
+
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock[0])
+    K = throughput.K
+    ratios = throughput.paired_ratios(run("plain", 1.0), run("step", 2.0), pairs=3)
+    assert ratios == pytest.approx([(1.0 / K) / (2.0 / (K + 1))] * 3)
+    assert order == ["plain", "step", "step", "plain", "plain", "step"]
+
+
 def test_throughput_keeps_one_target_record_per_kind_of_cpu(tmp_path, monkeypatch):
     from benchmarks import throughput
 
@@ -119,6 +150,15 @@ def test_throughput_keeps_one_target_record_per_kind_of_cpu(tmp_path, monkeypatc
     assert "| 1.10x met | - |" in avx512  # recorded before the bound was: no value invented
     assert "2026-11-29" in avx512 and "| 2.40x **NOT met** |" in avx512
     assert "| 1.10x met |" in avx512 and "| 60% of 90 GFLOP/s met |" in avx512
+    # with paired ratios, the target needs the median pair at 1.0x too
+    throughput.save_targets({**record("AMD EPYC (AVX512F)", "2026-12-01", 2.2, 1.04, 0.9),
+                             "plain_bound": 0.96, "plain_pairs": [0.92, 0.99, 1.05]})
+    avx512 = sorted(throughput.targets_table().splitlines()[2:])[1]
+    assert "| 1.04x (pairs: median 0.99x, 0.92-1.05x) **NOT met** | 0.96x |" in avx512
+    throughput.save_targets({**record("AMD EPYC (AVX512F)", "2026-12-01", 2.2, 1.04, 0.9),
+                             "plain_bound": 0.96, "plain_pairs": [0.97, 1.01, 1.05]})
+    avx512 = sorted(throughput.targets_table().splitlines()[2:])[1]
+    assert "| 1.04x (pairs: median 1.01x, 0.97-1.05x) met |" in avx512
 
 
 def test_passes_to_target_is_the_first_evaluation_at_or_above_it():

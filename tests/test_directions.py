@@ -41,6 +41,18 @@ def test_stacked_directions_equal_single_draws():
         assert torch.equal(stacked[i], direction(s, 3, k, 4, (64,)))
 
 
+def test_stacked_directions_are_each_directions_own_fresh_generator_draw():
+    """The definition: direction k of tensor p is torch.randn from a new generator seeded
+    derive_seed(version, seed, k, p); the stacked draw re-seeds one generator instead."""
+    s = DirectionScheme()
+    ks = [5, 0, 9, 2]  # any order; small shapes take torch's scalar path, the rest its vector one
+    for p, shape in enumerate([(1,), (3,), (15,), (16,), (7, 5), (64, 16, 5, 5)]):
+        stacked = directions(s, 11, ks, p, shape)
+        for i, k in enumerate(ks):
+            g = torch.Generator().manual_seed(derive_seed(SCHEME_VERSION, 11, k, p))
+            assert torch.equal(stacked[i], torch.randn(shape, generator=g)), (p, k)
+
+
 def test_directions_are_standard_normal():
     d = torch.cat([direction(DirectionScheme(), 1, k, 0, (4096,)) for k in range(50)])
     # n = 204,800 draws: the sample mean has sd 0.0022 and the sample sd about 0.0016.

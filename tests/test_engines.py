@@ -215,3 +215,48 @@ def test_per_k_losses_fall_back_to_the_loop_for_a_loss_vmap_cannot_batch():
     assert torch.equal(eng.per_k_losses(data_dependent, per_k, y), loop)
     assert torch.allclose(batched, loop, atol=1e-6, rtol=0)
     assert not torch.equal(batched, torch.zeros_like(batched))
+
+
+@pytest.mark.parametrize("kernel", [(2, 2), (3, 3), (2, 3)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_max_pool_tiles_is_bit_identical_to_max_pool2d(kernel, layout):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(4, 5, 13, 11, generator=g)  # odd sizes: floor mode drops the last tile
+    h[0, 1, 2, 3], h[1, 2, 0, 0], h[2, 0, 4, 4] = float("nan"), float("-inf"), float("inf")
+    h[3] = h[3].round()  # ties
+    if layout == "channels_last":
+        h = h.contiguous(memory_format=torch.channels_last)
+    ref = F.max_pool2d(h, kernel)
+    out = eng.max_pool_tiles(h, *kernel)
+    assert out.shape == ref.shape
+    assert torch.equal(out.nan_to_num(7.0), ref.nan_to_num(7.0))
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().sum() == 1
+    with pytest.raises(RuntimeError, match="too small"):  # as max_pool2d, not an empty map
+        eng.max_pool_tiles(h[..., :1, :], *kernel)
+    one = eng.max_pool_tiles(h[0], *kernel)  # unbatched (C, H, W), the NaN in it
+    assert torch.equal(one.nan_to_num(7.0), ref[0].nan_to_num(7.0))
+
+
+def test_tiled_max_pool_accepts_only_non_overlapping_tiles():
+    assert eng.tiled_max_pool(nn.MaxPool2d(2)) == (2, 2)
+    assert eng.tiled_max_pool(nn.MaxPool2d((2, 3))) == (2, 3)
+    assert eng.tiled_max_pool(nn.MaxPool2d(3, stride=3)) == (3, 3)
+    for other in [nn.MaxPool2d(3, stride=2), nn.MaxPool2d(2, padding=1),
+                  nn.MaxPool2d(2, dilation=2), nn.MaxPool2d(2, ceil_mode=True),
+                  nn.MaxPool2d(2, return_indices=True)]:
+        assert eng.tiled_max_pool(other) is None, other
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1)])
+def test_grouped_engine_pools_tiles_by_maxima_and_others_by_max_pool2d(pool, monkeypatch):
+    """LeNet's 2x2 pool takes the tiled path, an overlapping one the module; both exact."""
+    model, x, y = _model("lenet")
+    model.features[3] = pool
+    calls = []
+    tiles = eng.max_pool_tiles
+    monkeypatch.setattr(eng, "max_pool_tiles", lambda *a: calls.append(1) or tiles(*a))
+    spec = EstimatorSpec(6, 1e-3)
+    ref = loss_differences(model, F.cross_entropy, x, y, 4, spec, DIRS, "sequential")
+    est = loss_differences(model, F.cross_entropy, x, y, 4, spec, DIRS, "batched", 3)
+    assert torch.allclose(est.diffs, ref.diffs, atol=2e-6, rtol=0)
+    assert len(calls) == (2 if pool.padding == 0 else 0)  # K=6: two grouped passes of 3

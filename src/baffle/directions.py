@@ -68,12 +68,22 @@ _PROBE_SHAPES = ((7,), (3, 11), (64,))
 
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from a tuple of ints/strings (stable across processes and machines)."""
-    h = hashlib.blake2b(digest_size=8, person=b"baffle-seed")
+    return _seed_of(_hashed(None, parts))
+
+
+def _hashed(prefix: hashlib._Hash | None, parts: Sequence[int | str]) -> hashlib._Hash:
+    """The seed hash after ``parts``, continuing a copy of ``prefix`` (a hash of earlier
+    parts) if given: derive_seed(*a, *b) == _seed_of(_hashed(_hashed(None, a), b))."""
+    h = hashlib.blake2b(digest_size=8, person=b"baffle-seed") if prefix is None else prefix.copy()
     for part in parts:
         if isinstance(part, str):
             h.update(b"s" + part.encode())
         else:
             h.update(b"i" + struct.pack("<q", int(part) & _MASK63))
+    return h
+
+
+def _seed_of(h: hashlib._Hash) -> int:
     return int.from_bytes(h.digest(), "little") & _MASK63
 
 
@@ -271,9 +281,13 @@ def directions(
         return out if device is None else out.to(device)
     make = torch.zeros if scheme.blocks else torch.empty
     out = make((len(ks), *shape), dtype=torch.float32, device=scheme.device)
+    # the draws of ``scheme.generator(seed, k, p)``, from one generator re-seeded per k
+    # (manual_seed resets all its state) and the hash of (version, seed) computed once
+    g, prefix = torch.Generator(device=scheme.device), _hashed(None, (scheme.version, seed))
     for i, k in enumerate(ks):
         if scheme.perturbs(k, p):
-            out[i].normal_(generator=scheme.generator(seed, k, p))  # same draw as ``direction``
+            g.manual_seed(_seed_of(_hashed(prefix, (k, p))))
+            out[i].normal_(generator=g)
     return out if device is None else out.to(device)
 
 
