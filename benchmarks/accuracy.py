@@ -338,7 +338,30 @@ def verdict(records: dict[tuple[str, str], dict[str, Any]], epochs: int) -> str:
     fewest = hits[0][0]
     met = "met" if fewest <= budget / 2 else "**NOT met**"
     return (first + "\n" + text + f"{met} (the fewest to reach it: {fewest:,.0f}, "
-            f"{fewest / budget:.2f}x the paper's command)")
+            f"{fewest / budget:.2f}x the paper's command)" + own_level(records, ref, epochs))
+
+
+def own_level(records: dict[tuple[str, str], dict[str, Any]], ref: dict[str, Any],
+              epochs: int) -> str:
+    """A third line, for reference: the fewest passes any BAFFLE run took to reach the
+    accuracy the paper's command itself reached here, its last (at ``epochs``) and its
+    best, against that command's own passes. Empty until it has finished ``epochs``."""
+    end = next((p for p in ref["curve"] if abs(p[0] - epochs) < 1e-9), None)
+    if end is None:
+        return ""
+
+    def fewest(level: float) -> str:
+        hits = sorted((p[1], p[0], n, on) for (n, on), rec in records.items()
+                      if (p := next((q for q in rec["curve"] if q[2] >= level
+                                     and q[0] <= epochs + 1e-9), None)) is not None)
+        passes, epoch, n, on = hits[0]  # the command itself reaches its own levels
+        return (f"{level:.2f}% took {n} on {on} {passes:,.0f} passes (epoch {epoch:.0f}, "
+                f"{passes / end[1]:.2f}x)")
+
+    best = max(p[2] for p in ref["curve"] if p[0] <= epochs + 1e-9)
+    return (f"\n- for reference, not a target of the issue: the paper's command spent "
+            f"{end[1]:,.0f} passes per client on {epochs} epochs here; the fewest to reach "
+            f"its last top-1, {fewest(end[2])}; its best, {fewest(best)}")
 
 
 def report(records: dict[tuple[str, str], dict[str, Any]], epochs: int) -> None:

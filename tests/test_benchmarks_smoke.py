@@ -448,6 +448,15 @@ def test_accuracy_verdict_states_both_targets_met_or_not():
     lines = verdict(records, 20).splitlines()
     assert lines[0].index("cheap on CPU") < lines[0].index("k500 on CPU")  # fewest first
     assert lines[1].endswith("met (the fewest to reach it: 172,710, 0.50x the paper's command)")
+    assert len(lines) == 2  # the command stopped at epoch 2: no level of its own yet
+    records[("baffle-fedsgd-round", "CPU")] = rec((1, 17271, 43.0), (10, 172710, 87.56),
+                                                   (20, 345420, 80.71))
+    records[("client", "CPU")] = rec((3, 51813, 75.2), (4, 69084, 83.0))
+    assert verdict(records, 20).splitlines()[2] == (
+        "- for reference, not a target of the issue: the paper's command spent 345,420 "
+        "passes per client on 20 epochs here; the fewest to reach its last top-1, 80.71% "
+        "took client on CPU 69,084 passes (epoch 4, 0.20x); its best, 87.56% took "
+        "s on CPU 85,671 passes (epoch 1, 0.25x)")
     del records[("baffle-fedsgd-round", "CPU")]
     assert verdict(records, 20).splitlines()[1] == (
         "- half the forward passes: unknown (no record of baffle-fedsgd-round)")
