@@ -241,6 +241,7 @@ def test_tiled_max_pool_accepts_only_non_overlapping_tiles():
     assert eng.tiled_max_pool(nn.MaxPool2d(2)) == (2, 2)
     assert eng.tiled_max_pool(nn.MaxPool2d((2, 3))) == (2, 3)
     assert eng.tiled_max_pool(nn.MaxPool2d(3, stride=3)) == (3, 3)
+    assert eng.tiled_max_pool(nn.MaxPool2d(1)) is None  # its "tiles" would alias the input
     for other in [nn.MaxPool2d(3, stride=2), nn.MaxPool2d(2, padding=1),
                   nn.MaxPool2d(2, dilation=2), nn.MaxPool2d(2, ceil_mode=True),
                   nn.MaxPool2d(2, return_indices=True)]:
@@ -260,3 +261,67 @@ def test_grouped_engine_pools_tiles_by_maxima_and_others_by_max_pool2d(pool, mon
     est = loss_differences(model, F.cross_entropy, x, y, 4, spec, DIRS, "batched", 3)
     assert torch.allclose(est.diffs, ref.diffs, atol=2e-6, rtol=0)
     assert len(calls) == (2 if pool.padding == 0 else 0)  # K=6: two grouped passes of 3
+
+
+class _SharedResiduals(nn.Module):
+    """h feeds three sums, u two: a sum may write into an operand only where it dies."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.a, self.b, self.c = (nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1),
+                                  nn.Conv2d(4, 4, 1))
+        self.act, self.pool, self.fc = nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Linear(4, 10)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, x):
+        h = self.a(x)
+        u = self.b(h) + h  # h lives on
+        v = h + self.c(u)  # h lives on, u too
+        w = (u + v) + h  # u, v die in the first sum, h in the second
+        return self.fc(torch.flatten(self.pool(self.act(w)), 1))
+
+
+@pytest.mark.parametrize("perturb", ["all", "layer"])
+def test_sums_written_in_place_never_overwrite_a_live_operand(perturb):
+    model = _SharedResiduals()
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.rand(5, 1, 6, 6, generator=g), torch.randint(0, 10, (5,), generator=g)
+    blocks = layer_blocks([n for n, _ in model.named_parameters()]) if perturb == "layer" else ()
+    dirs, spec = DirectionScheme(blocks=blocks), EstimatorSpec(8, 1e-3)
+    ref = loss_differences(model, F.cross_entropy, x, y, 4, spec, dirs, "sequential")
+    for chunk in (1, 3, 8):
+        est = loss_differences(model, F.cross_entropy, x, y, 4, spec, dirs, "batched", chunk)
+        assert torch.allclose(est.diffs, ref.diffs, atol=2e-6, rtol=0), chunk
+    x0 = x.clone()
+    loss_differences(model, F.cross_entropy, x, y, 4, spec, dirs, "batched", 8)
+    assert torch.equal(x, x0)  # the input is never written
+
+
+def test_a_sum_writes_into_the_stacked_operand_that_dies_and_keeps_its_bits():
+    plan_ = eng.plan(_SharedResiduals())
+    node = [n for n in plan_.graph.nodes if n.target in eng._ADDS][1]  # h + c(u)
+    assert [a.name for a in plan_.last_use[node]] == ["c"]  # h lives on, c(u) dies here
+    run = eng._Stacked(plan_, {}, 2)
+    g = torch.Generator().manual_seed(7)
+    h, c = torch.randn(3, 8, 4, 4, generator=g), torch.randn(3, 8, 4, 4, generator=g)
+    h0, want = h.clone(), h + c
+    out, st = run.add(node, (h, True), (c, True))
+    assert st and out.data_ptr() == c.data_ptr() and torch.equal(out, want)  # c + h: same bits
+    assert torch.equal(h, h0)
+    shared = torch.randn(3, 4, 4, 4, generator=g)  # the unperturbed h, c(u) stacked
+    c = torch.randn(3, 8, 4, 4, generator=g)
+    want = (c.unflatten(1, (2, -1)) + shared.unsqueeze(1)).flatten(1, 2)
+    out, st = run.add(node, (shared, False), (c, True))
+    assert st and out.data_ptr() == c.data_ptr() and torch.equal(out, want)
+    h = torch.randn(3, 8, 4, 4, generator=g)  # stacked h, shared c(u): h must survive
+    h0, want = h.clone(), (h.unflatten(1, (2, -1)) + shared.unsqueeze(1)).flatten(1, 2)
+    out, st = run.add(node, (h, True), (shared, False))
+    assert st and torch.equal(h, h0) and torch.equal(out, want)
+    recording = eng._Stacked(plan_, {}, 2, record={})  # the recorded pass writes nothing
+    c = torch.randn(3, 8, 4, 4, generator=g)
+    c0 = c.clone()
+    recording.add(node, (h, True), (c, True))
+    assert torch.equal(c, c0)

@@ -172,12 +172,12 @@ def _pair(v: int | Sequence[int]) -> tuple[int, ...]:
 
 
 def tiled_max_pool(m: nn.MaxPool2d) -> tuple[int, int] | None:
-    """(kh, kw) if ``m`` pools non-overlapping kh x kw tiles (stride = kernel, no padding,
-    dilation or indices, floor mode), the case ``max_pool_tiles`` computes; else None."""
+    """(kh, kw) if ``m`` pools non-overlapping kh x kw tiles, not 1 x 1 (stride = kernel,
+    no padding, dilation or indices, floor mode), the case ``max_pool_tiles`` computes."""
     k, s = _pair(m.kernel_size), _pair(m.stride or m.kernel_size)
-    if (len(k) != 2 or k != s or _pair(m.padding) != (0, 0) or _pair(m.dilation) != (1, 1)
-            or m.ceil_mode or m.return_indices):
-        return None
+    if (len(k) != 2 or k != s or k == (1, 1) or _pair(m.padding) != (0, 0)
+            or _pair(m.dilation) != (1, 1) or m.ceil_mode or m.return_indices):
+        return None  # 1 x 1 too: its tiles would be a view, which later ops may overwrite
     return k[0], k[1]
 
 
@@ -344,11 +344,23 @@ class _Stacked:
         return F.group_norm(h, m.num_groups * self.Kc, self.spread(w, wp), self.spread(b, bp),
                             m.eps), True
 
-    def add(self, a: Any, b: Any) -> tuple[Any, bool]:
+    def add(self, node: fx.Node, a: Any, b: Any) -> tuple[Any, bool]:
+        """a + b, written into a stacked operand that dies here where one does (a + b is
+        b + a bit for bit): a fresh (B, Kc*C, H, W) sum costs page faults on a CPU."""
         (ta, sa), (tb, sb) = a, b
-        if sa == sb or not isinstance(ta, torch.Tensor) or not isinstance(tb, torch.Tensor):
+        if not isinstance(ta, torch.Tensor) or not isinstance(tb, torch.Tensor):
             return ta + tb, sa or sb
-        s, t = (ta, tb) if sa else (tb, ta)  # s stacked (B, Kc*C, ...), t shared (B, C, ...)
+        if sa and sb:
+            for own, other, arg in ((ta, tb, node.args[0]), (tb, ta, node.args[1])):
+                if own.shape == other.shape and self._may_overwrite(node, arg):
+                    return own.add_(other), True
+        if sa == sb:
+            return ta + tb, sa
+        s, t, arg = (ta, tb, node.args[0]) if sa else (tb, ta, node.args[1])
+        # s stacked (B, Kc*C, ...), t shared (B, C, ...)
+        if self._may_overwrite(node, arg):
+            s.unflatten(1, (self.Kc, -1)).add_(t.unsqueeze(1))
+            return s, True
         return (s.unflatten(1, (self.Kc, -1)) + t.unsqueeze(1)).flatten(1, 2), True
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -375,12 +387,12 @@ class _Stacked:
                 elif (h.device.type == "cpu" and isinstance(m, nn.MaxPool2d)
                       and (tile := tiled_max_pool(m))):  # measured on CPUs only
                     env[node] = (max_pool_tiles(h, *tile), st)
-                elif type(m) in _INPLACE_FN and self._may_overwrite(node):
+                elif type(m) in _INPLACE_FN and self._may_overwrite(node, node.args[0]):
                     env[node] = (_INPLACE_FN[type(m)](h, inplace=True), st)
                 else:  # activations and pools act per channel: stacking is invisible to them
                     env[node] = (m(h), st)
             elif node.target in _ADDS:
-                env[node] = self.add(env[node.args[0]], env[node.args[1]])
+                env[node] = self.add(node, env[node.args[0]], env[node.args[1]])
             else:  # flatten(x, 1): (B, Kc*C, H, W) -> (B, Kc*C*H*W) keeps each k contiguous
                 h, st = env[node.args[0]]
                 env[node] = (h.flatten(1), st)
@@ -391,15 +403,18 @@ class _Stacked:
         assert out is not None
         return out
 
-    def _may_overwrite(self, node: fx.Node) -> bool:
-        """True if ``node``'s input dies here and is a tensor of our own (not x, no view,
-        not a recorded value). Under ``base`` an activation runs only on a stacked input,
-        never on a reused one, so only the recording pass must not overwrite."""
-        arg = node.args[0]
+    def _may_overwrite(self, node: fx.Node, arg: Any) -> bool:
+        """True if ``node`` may write into its input ``arg``: a value that dies here and is
+        a tensor of our own (not x, no view, not a recorded value). Under ``base`` only
+        stacked values are overwritten (activations run only on those; ``add`` asks only
+        for them), never a reused one, so only the recording pass must not overwrite."""
         if self.record is not None:
             return False
-        return (isinstance(arg, fx.Node) and arg in self.plan.last_use[node]
-                and arg.op == "call_module"
+        if not (isinstance(arg, fx.Node) and arg in self.plan.last_use[node]):
+            return False
+        if arg.op == "call_function":
+            return arg.target in _ADDS  # a sum of ours (flatten makes views)
+        return (arg.op == "call_module"
                 and not isinstance(self.plan.modules[arg.target], nn.Flatten))
 
 
@@ -498,7 +513,7 @@ def activation_bytes(plan_: GroupedPlan, x: torch.Tensor) -> tuple[int, int]:
             m = plan_.modules[node.target]
             env[node] = (m(env[node.args[0]][0]), False)
         elif node.target in _ADDS:
-            env[node] = run.add(env[node.args[0]], env[node.args[1]])
+            env[node] = run.add(node, env[node.args[0]], env[node.args[1]])
         else:
             env[node] = (env[node.args[0]][0].flatten(1), False)
         t = env[node][0]
