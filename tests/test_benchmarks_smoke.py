@@ -77,6 +77,16 @@ def test_memory_child_reports_a_peak(mode, monkeypatch):
     assert r["peak"] >= r["base"] > 0
 
 
+def test_memory_rows_take_the_run_with_the_median_peak_above_baseline():
+    from benchmarks.memory import median_run
+
+    runs = [{"base": 100, "peak": 130}, {"base": 90, "peak": 100}, {"base": 100, "peak": 150},
+            {"base": 95, "peak": 120}, {"base": 100, "peak": 200}]  # above: 30 10 50 25 100
+    assert median_run(runs) == {"base": 100, "peak": 130}
+    assert median_run(runs[:4]) == {"base": 95, "peak": 120}  # even count: the lower middle
+    assert median_run(runs[:1]) == runs[0]
+
+
 def test_a_failed_memory_step_stops_the_benchmark_with_its_error_in_one_line(monkeypatch):
     from benchmarks import memory
 

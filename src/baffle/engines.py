@@ -185,7 +185,7 @@ def max_pool_tiles(h: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
     """out[..., i, j] = max over a < kh, b < kw of h[..., kh*i + a, kw*j + b]: the max
     pool over non-overlapping tiles (floor mode), as kh + kw - 2 elementwise maxima of
     strided views. Bit-identical to ``F.max_pool2d(h, (kh, kw))``, NaN included (both
-    propagate it), but without the int64 indices CPU max pooling writes: 2.2x-2.6x faster
+    propagate it), but without the int64 indices CPU max pooling writes: 2.2x-2.9x faster
     on one AVX-512 core for LeNet's pool (BENCHMARKS.md, section throughput)."""
     rows, cols = h.shape[-2] // kh * kh, h.shape[-1] // kw * kw
     if not (rows and cols):  # a tile larger than the input: max_pool2d's own error
