@@ -325,3 +325,14 @@ def test_a_sum_writes_into_the_stacked_operand_that_dies_and_keeps_its_bits():
     c0 = c.clone()
     recording.add(node, (h, True), (c, True))
     assert torch.equal(c, c0)
+
+
+def test_perturbed_weights_keep_the_dtype_of_w_plus_step_eps():
+    g = torch.Generator().manual_seed(8)
+    w32, eps = torch.randn(3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    want = w32.unsqueeze(0) + 1e-3 * eps
+    got = eng._shifted(w32, eps.clone(), 1e-3)
+    assert torch.equal(got, want)  # written into the draw, same bits
+    w64 = w32.double()
+    got = eng._shifted(w64, eps.clone(), 1e-3)
+    assert got.dtype == torch.float64 and torch.equal(got, w64.unsqueeze(0) + 1e-3 * eps)

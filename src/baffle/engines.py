@@ -352,13 +352,14 @@ class _Stacked:
             return ta + tb, sa or sb
         if sa and sb:
             for own, other, arg in ((ta, tb, node.args[0]), (tb, ta, node.args[1])):
-                if own.shape == other.shape and self._may_overwrite(node, arg):
+                if (own.shape == other.shape and own.dtype == other.dtype
+                        and self._may_overwrite(node, arg)):
                     return own.add_(other), True
         if sa == sb:
             return ta + tb, sa
         s, t, arg = (ta, tb, node.args[0]) if sa else (tb, ta, node.args[1])
-        # s stacked (B, Kc*C, ...), t shared (B, C, ...)
-        if self._may_overwrite(node, arg):
+        # s stacked (B, Kc*C, ...), t shared (B, C, ...); splitting a dim is always a view
+        if s.dtype == t.dtype and self._may_overwrite(node, arg):
             s.unflatten(1, (self.Kc, -1)).add_(t.unsqueeze(1))
             return s, True
         return (s.unflatten(1, (self.Kc, -1)) + t.unsqueeze(1)).flatten(1, 2), True
@@ -470,15 +471,21 @@ def grouped_losses(
     out = torch.empty(K)
     tensors = list(params.values())
     for ks, moved in block_chunks(K, chunk, blocks, len(tensors), cycle):
-        perturbed = {  # W + step * eps, built in the drawn tensor (the draw is our own)
-            id(p): draw(ks, i, p.shape, p.device).mul_(step).add_(p)
-            for i, p in enumerate(tensors) if i in moved
-        }
+        perturbed = {id(p): _shifted(p, draw(ks, i, p.shape, p.device), step)
+                     for i, p in enumerate(tensors) if i in moved}
         logits, stacked = _Stacked(plan_, perturbed, len(ks), cl, base=base).run(xx)
         if not stacked:
             raise Unsupported("the output does not depend on any perturbed parameter")
         out[list(ks)] = per_k_losses(loss_fn, logits.unflatten(1, (len(ks), -1)), y)
     return out
+
+
+def _shifted(p: torch.Tensor, eps: torch.Tensor, step: float) -> torch.Tensor:
+    """W + step * eps_k for each row k of ``eps``, written into ``eps`` (a draw of our own)
+    where that keeps the dtype of ``p + step * eps``; the same bits either way."""
+    if eps.dtype == p.dtype:
+        return eps.mul_(step).add_(p)
+    return p.unsqueeze(0) + step * eps
 
 
 def per_k_losses(loss_fn: LossFn, per_k: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
