@@ -19,8 +19,8 @@ from benchmarks.common import ROOT, table, write_section
 from benchmarks.engines_common import QUICK, THREADS
 
 K = 10 if QUICK else 100
-# fresh subprocesses per row: the allocator and page granularity move the above-baseline
-# peak of one run by up to a quarter of a small model's activations
+# fresh subprocesses per row: from one run to the next the above-baseline peak of a row
+# moved by a fifth or more (WRN-10-2 inplace: 22.6-32.6 MiB over 5 runs, 2026-12-01)
 REPS = 1 if QUICK else 5
 LAYER = "BAFFLE batched (auto chunk), layer directions"
 MODES = ("BAFFLE batched (auto chunk)", LAYER, "BAFFLE batched, chunk 32", "BAFFLE inplace",

@@ -80,6 +80,20 @@ def test_gpu_directions_have_their_own_fingerprint():
     assert a.device.type == "cuda" and torch.equal(a, directions(GPU, 3, range(2), 0, (5, 7)))
 
 
+def test_stacked_gpu_draws_are_each_directions_own_fresh_generator_draw():
+    """``directions`` re-seeds one CUDA generator per direction: the same numbers as a new
+    generator per direction (manual_seed also resets the Philox offset)."""
+    from baffle.directions import SCHEME_VERSION, derive_seed
+
+    ks = [4, 0, 7]
+    for p, shape in enumerate([(3,), (64, 16, 5, 5)]):
+        stacked = directions(GPU, 11, ks, p, shape)
+        for i, k in enumerate(ks):
+            g = torch.Generator(device="cuda").manual_seed(
+                derive_seed(SCHEME_VERSION, 11, k, p))
+            assert torch.equal(stacked[i], torch.randn(shape, generator=g, device="cuda"))
+
+
 def test_counter_sampler_on_the_gpu_is_the_cpus_formula():
     """The integer hash wraps alike on both devices; only float32 log/cos may differ by a
     few ulp. Every engine stays exact with it."""
