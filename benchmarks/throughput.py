@@ -96,8 +96,7 @@ def measure(name: str, mm: torch.Tensor) -> tuple[list[list[object]], dict[str, 
                      key=times.__getitem__)
     pairs = sorted(paired_ratios(fns[plain_fast], fns[auto_key])) if name == "lenet" else []
     passes = {k: (K if k.startswith("plain") else K + 1) for k in fns}  # naive: base + K
-    plain_best = min(times["plain forward x K (NCHW)"],
-                     times["plain forward x K (channels-last input)"]) / K
+    plain_best = times[plain_fast] / K
     naive = times["naive load_state_dict loop"] / (K + 1)
     # FLOPs a step runs: K+1 full passes, except under layer directions with reuse
     # (K directions at their suffix's cost, plus the recorded pass and the base loss)

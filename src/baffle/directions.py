@@ -51,7 +51,7 @@ import functools
 import hashlib
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -157,11 +157,12 @@ class DirectionScheme:
             counts[self.block_of(k)] += 1
         return [K / counts[self.block_of(k)] for k in range(K)]
 
-    def generator(self, seed: int, k: int, p: int) -> torch.Generator:
-        """The dedicated generator of direction ``k``, parameter tensor ``p``."""
-        g = torch.Generator(device=self.device)
-        g.manual_seed(derive_seed(self.version, seed, k, p))
-        return g
+    def direction_seeds(self, seed: int) -> Callable[[int, int], int]:
+        """(k, p) -> derive_seed(version, seed, k, p): the seed of the torch sampler's
+        generator for direction ``k``, parameter tensor ``p`` (the hash of (version, seed)
+        computed once)."""
+        prefix = _hashed(None, (self.version, seed))
+        return lambda k, p: _seed_of(_hashed(prefix, (k, p)))
 
     def counter_key(self, seed: int, p: int) -> int:
         """key(s, p) of the counter sampler: one hash key per (seed, tensor)."""
@@ -259,12 +260,7 @@ def direction(
 ) -> torch.Tensor:
     """eps[seed, k, p]: one float32 tensor of shape ``shape`` on the generation device
     (zeros where the scheme's blocks say direction ``k`` does not move tensor ``p``)."""
-    if not scheme.perturbs(k, p):
-        return torch.zeros(tuple(shape), device=scheme.device, dtype=torch.float32)
-    if scheme.sampler == "counter":
-        return directions(scheme, seed, range(k, k + 1), p, shape)[0]
-    g = scheme.generator(seed, k, p)
-    return torch.randn(tuple(shape), generator=g, device=scheme.device, dtype=torch.float32)
+    return directions(scheme, seed, range(k, k + 1), p, shape)[0]
 
 
 def directions(
@@ -281,12 +277,12 @@ def directions(
         return out if device is None else out.to(device)
     make = torch.zeros if scheme.blocks else torch.empty
     out = make((len(ks), *shape), dtype=torch.float32, device=scheme.device)
-    # the draws of ``scheme.generator(seed, k, p)``, from one generator re-seeded per k
-    # (manual_seed resets all its state) and the hash of (version, seed) computed once
-    g, prefix = torch.Generator(device=scheme.device), _hashed(None, (scheme.version, seed))
+    # one generator per (direction, tensor): one object re-seeded (manual_seed resets all
+    # of its state, so each draw is a fresh generator's)
+    g, seed_of = torch.Generator(device=scheme.device), scheme.direction_seeds(seed)
     for i, k in enumerate(ks):
         if scheme.perturbs(k, p):
-            g.manual_seed(_seed_of(_hashed(prefix, (k, p))))
+            g.manual_seed(seed_of(k, p))
             out[i].normal_(generator=g)
     return out if device is None else out.to(device)
 

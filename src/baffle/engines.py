@@ -206,6 +206,7 @@ class GroupedPlan:
     graph: fx.Graph
     modules: dict[str, nn.Module]
     last_use: dict[fx.Node, list[fx.Node]]  # node -> values that die after it runs
+    tiles: dict[fx.Node, tuple[int, int]]  # max pools ``max_pool_tiles`` runs on a CPU
 
 
 def plan(model: nn.Module) -> GroupedPlan:
@@ -255,7 +256,10 @@ def plan(model: nn.Module) -> GroupedPlan:
             if arg not in seen:
                 seen.add(arg)
                 last_use[node].append(arg)
-    return GroupedPlan(graph, modules, last_use)
+    tiles = {n: tile for n in order if n.op == "call_module"
+             and isinstance(modules[n.target], nn.MaxPool2d)
+             and (tile := tiled_max_pool(modules[n.target])) is not None}
+    return GroupedPlan(graph, modules, last_use, tiles)
 
 
 class _Stacked:
@@ -385,9 +389,8 @@ class _Stacked:
                     env[node] = self.linear(m, h, st)
                 elif isinstance(m, nn.GroupNorm):
                     env[node] = self.group_norm(m, h, st)
-                elif (h.device.type == "cpu" and isinstance(m, nn.MaxPool2d)
-                      and (tile := tiled_max_pool(m))):  # measured on CPUs only
-                    env[node] = (max_pool_tiles(h, *tile), st)
+                elif node in self.plan.tiles and h.device.type == "cpu":  # measured there
+                    env[node] = (max_pool_tiles(h, *self.plan.tiles[node]), st)
                 elif type(m) in _INPLACE_FN and self._may_overwrite(node, node.args[0]):
                     env[node] = (_INPLACE_FN[type(m)](h, inplace=True), st)
                 else:  # activations and pools act per channel: stacking is invisible to them
