@@ -10,8 +10,9 @@ import importlib
 import sys
 
 BENCHMARKS = ("seed_sharing", "passes", "layer_shares", "frozen_layers", "ema_horizon",
-              "throughput", "samplers", "memory", "compute_vs_bp", "communication", "scaling",
-              "flower", "gpu", "accuracy")  # accuracy trains for hours on a CPU: run it last
+              "subspace", "throughput", "samplers", "memory", "compute_vs_bp", "communication",
+              "scaling", "flower", "gpu",
+              "accuracy")  # accuracy trains for hours on a CPU: run it last
 
 
 def main(argv: list[str]) -> None:

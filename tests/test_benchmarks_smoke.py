@@ -568,3 +568,93 @@ def test_the_gpu_benchmarks_epoch_step_table_runs_on_a_cpu():
         for a, b in zip(loop_rebuild(shapes, 2, d, spec, dirs, "cpu"),
                         rebuild_gradient(shapes, 2, d, spec, dirs)):
             assert torch.allclose(a, b, rtol=0, atol=1e-6 * float(b.abs().max()))
+
+
+def _dense_sketch(sketch, sizes):
+    """The sketch as the explicit d x D matrix P."""
+    P = torch.zeros(sum(sizes), sketch.dim)
+    row = 0
+    for n, h, s, o in zip(sizes, sketch.index, sketch.sign, sketch.offset):
+        P[torch.arange(row, row + n), o + h] = s
+        row += n
+    return P
+
+
+def test_subspace_sketch_expands_by_P_and_projects_by_its_transpose():
+    """Tensors of at most m entries keep their coordinates; a larger one lands in m
+    buckets of its own with signs +-1; expand is P z and project is P^T g."""
+    from benchmarks.subspace import count_sketch
+
+    sizes, m = [5, 40, 3], 8
+    sketch = count_sketch(sizes, m, torch.Generator().manual_seed(0))
+    assert sketch.dim == 5 + 8 + 3 and sketch.offset == (0, 5, 13)
+    assert torch.equal(sketch.index[0], torch.arange(5)) and bool((sketch.sign[0] == 1).all())
+    assert int(sketch.index[1].max()) < m and set(sketch.sign[1].tolist()) == {-1.0, 1.0}
+    P = _dense_sketch(sketch, sizes)
+    z, g = torch.randn(sketch.dim), torch.randn(sum(sizes))
+    assert torch.allclose(torch.cat(sketch.expand(z)), P @ z)
+    assert torch.allclose(sketch.project(list(g.split(sizes))), P.T @ g, atol=1e-6)
+
+
+def test_subspace_estimates_are_unbiased_for_their_targets():
+    """Statistics: over 100,000 directions the every-weight estimate averages to g and the
+    hashed one to P P^T g (relative standard error about 0.012; tolerance 0.05)."""
+    from benchmarks.subspace import count_sketch, estimate
+
+    sizes, gen = [5, 40], torch.Generator().manual_seed(1)
+    sketch = count_sketch(sizes, 8, gen)
+    g = torch.randn(sum(sizes), generator=gen)
+    parts = list(g.split(sizes))
+    full = torch.cat(estimate(parts, None, 100_000, gen))
+    assert (full - g).norm() < 0.05 * g.norm()
+    P = _dense_sketch(sketch, sizes)
+    target = P @ (P.T @ g)
+    hashed = torch.cat(estimate(parts, sketch, 100_000, gen))
+    assert (hashed - target).norm() < 0.05 * target.norm()
+    assert (target - g).norm() > 0.3 * g.norm()  # collisions: the target is not g
+
+
+def test_tracked_estimate_converges_to_a_fixed_gradient():
+    """Exactness: with g fixed, the Kaczmarz sweeps take t from 0 to g (2 directions a
+    sweep in 45 dimensions); one sweep moves t only along its directions' span."""
+    from benchmarks.subspace import track_step
+
+    sizes, gen = [5, 40], torch.Generator().manual_seed(2)
+    g = torch.randn(sum(sizes), generator=gen)
+    parts, t = list(g.split(sizes)), torch.zeros(sum(sizes))
+    first = track_step(parts, t, 2, torch.Generator().manual_seed(3))
+    e = torch.randn(2, sum(sizes), generator=torch.Generator().manual_seed(3))
+    coef = torch.linalg.lstsq(e.T, first[:, None]).solution
+    assert torch.allclose(e.T @ coef[:, 0], first, atol=1e-5)  # in the span of E
+    for _ in range(500):
+        t += track_step(parts, t, 2, gen)
+    assert (t - g).norm() < 1e-3 * g.norm()
+
+
+def test_subspace_with_room_for_every_tensor_is_the_plain_run():
+    """With m above every tensor's size the sketch is the identity, so the projected exact
+    run equals plain backprop bit for bit; m = 500 hashes conv2 and changes the run."""
+    from baffle.data.registry import load_dataset
+    from benchmarks.subspace import train_curve
+
+    data = load_dataset("digits")
+    plain = train_curve(data, None, True, epochs=2, limit=3)
+    assert train_curve(data, 30_000, True, epochs=2, limit=3) == plain
+    assert train_curve(data, 500, True, epochs=2, limit=3) != plain
+    noisy = train_curve(data, 500, False, epochs=1, k=5, limit=3)
+    assert len(noisy) == 1 and 0 <= noisy[0] <= 100
+    tracked = train_curve(data, None, False, epochs=1, k=5, limit=3, track=True)
+    assert len(tracked) == 1 and 0 <= tracked[0] <= 100
+
+
+def test_subspace_reading_states_the_target_met_or_not():
+    from benchmarks.subspace import ROWS, TARGET, reading
+
+    align = [[0, "9.8", 2000, "3,130", "0.187", "0.186", "0.391", "0.486"]]
+    below = {label: {"curve": [50.0, TARGET - 1]} for label in ROWS}
+    text = reading(below, align)
+    assert "NOT met by any estimate" in text and "no better aligned" in text
+    above = dict(below, **{list(ROWS)[1]: {"curve": [50.0, TARGET]}})
+    text = reading(above, [align[0][:5] + ["0.300"] + align[0][6:]])
+    assert text.startswith(f"Target met by: {list(ROWS)[1]}.")
+    assert "is better aligned" in text and "no better" not in text
