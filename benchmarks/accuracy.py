@@ -417,6 +417,11 @@ def report(records: dict[tuple[str, str], dict[str, Any]], epochs: int) -> None:
                  "best %", f"first >= {TARGET}%",
                  "test top-1 after each epoch"], rows)
         + "\n\n" + verdict(records, epochs)
+        + "\n\nWhat else was tried for the halved passes, section by section: `passes` "
+        "(on digits: sigma, central differences, seed sharing, K schedules, layer "
+        "directions, optimizers), `layer_shares` and `frozen_layers` (where the gradient "
+        "lives), `ema_horizon` (averaging the weights) and `subspace` (directions in a fixed "
+        "hashed subspace, and an estimate tracked across rounds)."
         + "\n\nRuns (`BAFFLE_ACC_RUNS=NAME python -m benchmarks.run accuracy` resumes one "
         "that stopped short, from `runs/accuracy/NAME` or else from the state the last "
         "machine to train it committed in `benchmarks/results/accuracy/carry/NAME`):"
