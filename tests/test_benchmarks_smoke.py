@@ -649,13 +649,29 @@ def test_subspace_with_room_for_every_tensor_is_the_plain_run():
     assert len(tracked) == 1 and 0 <= tracked[0] <= 100
 
 
+def test_subspace_library_row_trains_with_the_library_and_resumes(tmp_path):
+    """The library row is ``baffle.train``'s own per-epoch test top-1; a second call on
+    the finished run directory resumes it and trains nothing more."""
+    from benchmarks.subspace import LIBRARY_RUN, library_curve
+
+    cfg = dict(LIBRARY_RUN, dataset="digits", data_dir=None, K=4, epochs=2)
+    curve = library_curve(tmp_path / "run", cfg)
+    assert len(curve) == 2 and all(0 <= a <= 100 for a in curve)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert library_curve(tmp_path / "run", cfg) == curve
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == lines
+
+
 def test_subspace_reading_states_the_target_met_or_not():
-    from benchmarks.subspace import ROWS, TARGET, reading
+    from benchmarks.subspace import LIBRARY, ROWS, TARGET, reading
 
     align = [[0, "9.8", 2000, "3,130", "0.187", "0.186", "0.391", "0.486"]]
     below = {label: {"curve": [50.0, TARGET - 1]} for label in ROWS}
     text = reading(below, align)
     assert "NOT met by any estimate" in text and "no better aligned" in text
+    assert "library's own run" not in text
+    lib = dict(below, **{LIBRARY: {"curve": [50.0, 88.5]}})
+    assert "(the library's own run of that protocol: 88.50%)" in reading(lib, align)
     above = dict(below, **{list(ROWS)[1]: {"curve": [50.0, TARGET]}})
     text = reading(above, [align[0][:5] + ["0.300"] + align[0][6:]])
     assert text.startswith(f"Target met by: {list(ROWS)[1]}.")
