@@ -340,12 +340,15 @@ def public_label(guide: Guide) -> str:
             f"({share} in its top {guide.dims})")
 
 
+EVERY = "estimate, directions move every weight (the accuracy runs' law)"
 # the guided row at its best, and the every-weight row, again with other draws
-SEED1 = (f"{public_label(PUBLIC[2])}, seed 1", "estimate, directions move every weight, seed 1")
+SEEDS = (1, 2)
+BASES = {public_label(PUBLIC[2]): PUBLIC[2], "estimate, directions move every weight": None}
+RESEEDED = {(base, seed): f"{base}, seed {seed}" for seed in SEEDS for base in BASES}
 
 
 ROWS = {
-    "estimate, directions move every weight (the accuracy runs' law)": Row(),
+    EVERY: Row(),
     "estimate, hashed subspace m = 2000 a tensor": Row(m=2000),
     "estimate, hashed subspace m = 500 a tensor": Row(m=500),
     "estimate tracked across rounds (Kaczmarz, every weight)": Row(track=True),
@@ -353,8 +356,7 @@ ROWS = {
     "estimate tracked across rounds, lr 5e-4": Row(track=True, lr=5e-4),
     GUIDED: Row(guide=GUIDE),
     **{public_label(g): Row(guide=g) for g in PUBLIC},
-    SEED1[0]: Row(guide=PUBLIC[2], seed=1),
-    SEED1[1]: Row(seed=1),
+    **{label: Row(guide=BASES[base], seed=seed) for (base, seed), label in RESEEDED.items()},
     "exact gradient (backprop), every weight": Row(exact=True),
     "exact gradient projected on the m = 2000 subspace": Row(m=2000, exact=True),
     GUIDED_EXACT: Row(exact=True, guide=GUIDE),
@@ -380,11 +382,14 @@ def reading(saved: dict[str, dict[str, list[float]]], align: list[list[object]])
     verdict = (f"In this proxy, not the library, {TARGET}% within half the passes is reached "
                "by: " + "; ".join(met) + "." if met else
                f"Target ({TARGET}% within half the passes): NOT met by any estimate.")
-    for label in met:  # a run whose other seed falls short
-        again = saved.get(f"{label}, seed 1", {}).get("curve")
-        if again and max(again) < TARGET:
-            verdict += (f" Not with seed 1 of {label}, though (best {max(again):.2f}%): "
-                        "it does not hold across seeds.")
+    for label in met:  # a run whose other seeds fall short
+        short = {seed: max(saved[f"{label}, seed {seed}"]["curve"]) for seed in SEEDS
+                 if f"{label}, seed {seed}" in saved}
+        short = {seed: best for seed, best in short.items() if best < TARGET}
+        if short:
+            verdict += (f" Not with seed {' or '.join(map(str, short))} of {label}, though "
+                        f"(best {' and '.join(f'{b:.2f}%' for b in short.values())}): it "
+                        "does not hold across seeds.")
     first = align[0]  # the initial weights, the first m
     full_cos, hashed_cos = float(first[4]), float(first[5])
     same = hashed_cos < 1.1 * full_cos
@@ -434,9 +439,21 @@ def guided_reading(saved: dict[str, dict[str, list[float]]]) -> str:
             "BAFFLE does not assume: labelled data of the task on the server, backprop "
             f"there, and a download of U every {GUIDE.refresh} rounds ({GUIDE.dims} x d "
             f"float32, {GUIDE.dims * d * 4 / 1e6:.2f} MB for LeNet: {GUIDE.dims} times the "
-            "weights). With other initial weights, directions and batch order (seed 1), "
-            f"{public_label(PUBLIC[2])} ends at {saved[SEED1[0]]['curve'][-1]:.2f}% and the "
-            f"every-weight estimate at {saved[SEED1[1]]['curve'][-1]:.2f}%.")
+            "weights). " + reseeded_reading(saved))
+
+
+def reseeded_reading(saved: dict[str, dict[str, list[float]]]) -> str:
+    """The best guided row and the every-weight row over seeds 0, 1, 2, ..."""
+    best, every = BASES
+    finals = {name: [saved[label]["curve"][-1]] + [
+        saved[RESEEDED[base, seed]]["curve"][-1] for seed in SEEDS]
+        for name, label, base in (("guided", best, best), ("every", EVERY, every))}
+    seeds = ", ".join(map(str, (0, *SEEDS)))
+    return (f"Over seeds {seeds} (other initial weights, directions and batch order), "
+            f"{best} ends at " + " / ".join(f"{a:.2f}%" for a in finals["guided"])
+            + f" (mean {np.mean(finals['guided']):.2f}%), and the every-weight estimate at "
+            + " / ".join(f"{a:.2f}%" for a in finals["every"])
+            + f" (mean {np.mean(finals['every']):.2f}%).")
 
 
 def row_result(data: DataBundle, label: str) -> dict[str, object]:

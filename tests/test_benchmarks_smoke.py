@@ -723,7 +723,7 @@ def test_subspace_library_row_trains_with_the_library_and_resumes(tmp_path):
 
 
 def test_subspace_reading_states_the_target_met_or_not():
-    from benchmarks.subspace import LIBRARY, ROWS, SEED1, TARGET, reading
+    from benchmarks.subspace import LIBRARY, PUBLIC, RESEEDED, ROWS, TARGET, public_label, reading
 
     align = [[0, "9.8", 2000, "3,130", "0.187", "0.186", "0.391", "0.486"]]
     below = {label: {"curve": [50.0, TARGET - 1], "capture": [0.25, 0.75]} for label in ROWS}
@@ -739,12 +739,12 @@ def test_subspace_reading_states_the_target_met_or_not():
                            f"passes is reached by: {list(ROWS)[1]}.")
     assert "is better aligned" in text and "no better" not in text
     assert "seed 1" not in text.split("\n")[0]
-    guided = {label: {"curve": [50.0, TARGET], "capture": [0.5]} for label in SEED1}
-    twin = SEED1[0].removesuffix(", seed 1")
-    text = reading(dict(below, **guided, **{twin: {"curve": [50.0, TARGET], "capture": [0.5]}}),
-                   align)
-    assert f"{twin}; {SEED1[0]}" in text and "does not hold" not in text
-    guided[SEED1[0]] = {"curve": [50.0, TARGET - 0.5], "capture": [0.5]}
-    text = reading(dict(below, **guided, **{twin: {"curve": [50.0, TARGET], "capture": [0.5]}}),
-                   align)
+    twin = public_label(PUBLIC[2])
+    guided = {label: {"curve": [50.0, TARGET], "capture": [0.5]}
+              for label in [twin, *RESEEDED.values()]}
+    text = reading(dict(below, **guided), align)
+    assert f"{twin}; {RESEEDED[twin, 1]}" in text and "does not hold" not in text
+    assert f"{twin} ends at {TARGET:.2f}% / {TARGET:.2f}% / {TARGET:.2f}% (mean" in text
+    guided[RESEEDED[twin, 1]] = {"curve": [50.0, TARGET - 0.5], "capture": [0.5]}
+    text = reading(dict(below, **guided), align)
     assert f"Not with seed 1 of {twin}, though (best {TARGET - 0.5:.2f}%)" in text
