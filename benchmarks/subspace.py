@@ -333,11 +333,16 @@ PUBLIC = (replace(GUIDE, public=5000), replace(GUIDE, public=500),
           replace(GUIDE, dims=20, public=500, share=1.0))
 
 
-def public_label(guide: Guide) -> str:
+def in_span(guide: Guide) -> str:
+    """How many of the directions the span gets, in words."""
     share = {1.0: "every direction", 0.5: "half the directions"}.get(
         guide.share, f"{guide.share:.0%} of the directions")
+    return f"{share} in its top {guide.dims}"
+
+
+def public_label(guide: Guide) -> str:
     return (f"estimate guided by the server's backprop on {guide.public:,} held-out images "
-            f"({share} in its top {guide.dims})")
+            f"({in_span(guide)})")
 
 
 EVERY = "estimate, directions move every weight (the accuracy runs' law)"
@@ -418,7 +423,7 @@ def guided_reading(saved: dict[str, dict[str, list[float]]]) -> str:
         return f"{np.mean(saved[label]['capture']):.3f}"
 
     exact, own = saved[GUIDED_EXACT], saved[GUIDED]
-    runs = "; ".join(f"{g.public:,} images, {public_label(g).split('(')[1][:-1]}: "
+    runs = "; ".join(f"{g.public:,} images, {in_span(g)}: "
                      f"{saved[public_label(g)]['curve'][-1]:.2f}% (span cosine "
                      f"{mean(public_label(g))})" for g in PUBLIC)
     d = sum(p.numel() for p in lenet().parameters())
