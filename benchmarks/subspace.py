@@ -1,6 +1,6 @@
 """Directions in a smaller subspace: do they buy the accuracy target's halved passes?
 
-    python -m benchmarks.run subspace   # one CPU core: the proxies ~1.5 h, the library ~1 h
+    python -m benchmarks.run subspace   # one CPU core: the proxies ~2 h, the library ~1 h
 
 An attempt at the accuracy section's second target, and a failed one. LeNet trained in a
 fixed random subspace of a few thousand dimensions reaches 95% on MNIST with exact
