@@ -2,10 +2,10 @@
 
     python -m benchmarks.run subspace   # one CPU core: the proxies ~2 h, the library ~1 h
 
-An attempt at the accuracy section's second target, and a failed one. LeNet trained in a
-fixed random subspace of a few thousand dimensions reaches 95% on MNIST with exact
-gradients, and a Gaussian estimate's error grows with the dimension it estimates in, so
-directions drawn in such a subspace looked like a way to need fewer of them.
+Attempts at the accuracy section's second target; none meets it across seeds. The first:
+LeNet trained in a fixed random subspace of a few thousand dimensions reaches 95% on MNIST
+with exact gradients, and a Gaussian estimate's error grows with the dimension it estimates
+in, so directions drawn in such a subspace looked like a way to need fewer of them.
 
 The subspace is a count sketch per tensor. A tensor p with n_p > m entries sends entry i to
 bucket h_p(i) in [0, m) with sign s_p(i) = +-1, both fixed for the run. A tensor with
