@@ -203,6 +203,9 @@ def lenet(seed: int = 0) -> nn.Module:
                        activation="hardswish", generator=torch.Generator().manual_seed(seed))
 
 
+WEIGHTS = sum(p.numel() for p in lenet().parameters())  # d
+
+
 def track_step(grads: list[torch.Tensor], tracked: torch.Tensor, k: int,
                generator: torch.Generator) -> torch.Tensor:
     """One client's correction to a gradient estimate kept across rounds: with its k
@@ -266,8 +269,7 @@ def train_curve(data: DataBundle, m: int | None, exact: bool, epochs: int = EPOC
                 tracked += torch.cat(total)
                 total = list(tracked.split(sizes))
             if basis is not None and capture is not None and step % guide.capture_every == 0:
-                inside = basis @ (basis.T @ mean_grad)
-                capture.append(float(inside @ mean_grad / (inside.norm() * mean_grad.norm())))
+                capture.append(cos(basis @ (basis.T @ mean_grad), mean_grad))
             step += 1
             if guide:  # the server's public gradient, the exact one, or the estimate
                 if guide.public:
@@ -288,6 +290,10 @@ def train_curve(data: DataBundle, m: int | None, exact: bool, epochs: int = EPOC
     return curve
 
 
+def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm()))
+
+
 def cosines(model: nn.Module, data: DataBundle, m: int, draws: int = 5) -> tuple[float, ...]:
     """At the model's weights, on one batch of CLIENTS x BATCH training images, mean over
     ``draws``: cos(g_hat, g) for every-weight directions, cos(g_hat_P, g) and
@@ -298,9 +304,6 @@ def cosines(model: nn.Module, data: DataBundle, m: int, draws: int = 5) -> tuple
     sketch = count_sketch([t.numel() for t in g], m, torch.Generator().manual_seed(1))
     flat = torch.cat(g)
     proj = torch.cat(sketch.expand(sketch.project(g)))
-
-    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(a @ b / (a.norm() * b.norm()))
 
     full, hashed, along = [], [], []
     for _ in range(draws):
@@ -380,7 +383,7 @@ def reading(saved: dict[str, dict[str, list[float]]], align: list[list[object]])
     labels = list(ROWS)
     every, hashed = saved[labels[0]]["curve"][-1], saved[labels[1]]["curve"][-1]
     tracked = [saved[label]["curve"][-1] for label in TRACKED]
-    d_over_n = sum(p.numel() for p in lenet().parameters()) / (CLIENTS * K)
+    d_over_n = WEIGHTS / (CLIENTS * K)
     estimates = [label for label, row in ROWS.items() if not row.exact]
     met = [label for label in [*estimates, LIBRARY]
            if label in saved and max(saved[label]["curve"]) >= TARGET]
@@ -388,9 +391,8 @@ def reading(saved: dict[str, dict[str, list[float]]], align: list[list[object]])
                "by: " + "; ".join(met) + "." if met else
                f"Target ({TARGET}% within half the passes): NOT met by any estimate.")
     for label in met:  # a run whose other seeds fall short
-        short = {seed: max(saved[f"{label}, seed {seed}"]["curve"]) for seed in SEEDS
-                 if f"{label}, seed {seed}" in saved}
-        short = {seed: best for seed, best in short.items() if best < TARGET}
+        twins = {seed: saved.get(RESEEDED.get((label, seed)), {}).get("curve") for seed in SEEDS}
+        short = {seed: max(c) for seed, c in twins.items() if c and max(c) < TARGET}
         if short:
             verdict += (f" Not with seed {' or '.join(map(str, short))} of {label}, though "
                         f"(best {' and '.join(f'{b:.2f}%' for b in short.values())}): it "
@@ -426,7 +428,7 @@ def guided_reading(saved: dict[str, dict[str, list[float]]]) -> str:
     runs = "; ".join(f"{g.public:,} images, {in_span(g)}: "
                      f"{saved[public_label(g)]['curve'][-1]:.2f}% (span cosine "
                      f"{mean(public_label(g))})" for g in PUBLIC)
-    d = sum(p.numel() for p in lenet().parameters())
+    d = WEIGHTS
     return (f"Guided directions: the top {GUIDE.dims} directions of the last "
             f"{GUIDE.history} exact round gradients hold the next round's gradient to a mean "
             f"cosine of {mean(GUIDED_EXACT)}, and the exact gradient projected on them ends "
