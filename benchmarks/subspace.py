@@ -44,7 +44,8 @@ rows ask: does a model learn inside the span of its recent exact gradients (the 
 gradient projected on it); can the estimates find that span; and can the server find it
 instead, by backprop on labelled held-out images of its own (``Guide.public``: an
 assumption BAFFLE does not make), with every direction or half of them in it. The best of
-those recipes is rerun with two more seeds, and with Adam's lr halved and doubled.
+those recipes is rerun with two more seeds, and with Adam's lr halved, doubled and
+quadrupled; the every-weight row too, at the doubled and quadrupled lr.
 
 A span table then asks whether the estimates could find the span after all (``span_result``):
 on the first epochs of the every-weight run it scores the top r directions of the last H
@@ -374,29 +375,41 @@ def span_result(data: DataBundle, epochs: int = SPAN_EPOCHS, start: int = SPAN_F
 
 
 def span_reading(span: dict[str, object]) -> str:
-    """What the span table says, from its numbers."""
+    """What the span table says, from its numbers. With k/2 of a client's k directions in
+    an r-dimensional span that holds g to cosine c and k/2 outside it, the estimate's error
+    is (2 r c^2 + 2 d (1 - c^2)) / k |g|^2 against d / k |g|^2 for every-weight directions:
+    the span pays only for c^2 > 1 / (2 (1 - r / d))."""
     rows = span["rows"]
 
-    def best(name: str) -> str:
-        row = max((r for r in rows if r[0].startswith(name)), key=lambda r: max(r[2:]))
+    def pays(dims: int) -> float:  # the least c at which r = dims directions pay
+        return (2 * (1 - dims / WEIGHTS)) ** -0.5
+
+    def best(match) -> str:  # the best cell of the rows whose history ``match``es
+        row = max((r for r in rows if match(r[0])), key=lambda r: max(r[2:]))
         top = max(row[2:])
         return f"{top:.3f} (H = {row[1]}, r = {SPAN_DIMS[row[2:].index(top)]})"
 
     exact = next(r for r in rows if r[0] == "exact round gradients")
-    return (f"Can the estimates find the span with a longer history, fewer dimensions, or "
+    short = all(c < pays(dims) for name, _, *scores in rows if name != exact[0]
+                for dims, c in zip(SPAN_DIMS, scores))
+    text = (f"Can the estimates find the span with a longer history, fewer dimensions, or "
             f"averaged first? Over rounds {SPAN_FROM}-{span['rounds'] - 1} of the every-weight "
             f"run, the top {SPAN_DIMS[1]} directions of the last {exact[1]} exact round "
             f"gradients hold the next one to cosine {exact[3]:.3f}. From the round estimates "
-            f"the best is {best('round estimates')}; averaged over rounds first, "
-            f"{best('round estimates averaged')}. With half the directions in a span that "
-            "holds g to cosine c, the estimate's error is 2(1 - c^2) + 2 r c^2 / d times the "
-            "every-weight one's, so the span only pays for c above about 0.71. It stays far "
-            "below: a round's estimate is "
-            f"{span['ratio']:.1f} times as long as its mean batch gradient, so its error has "
-            f"about {span['ratio'] ** 2:.0f} times the gradient's energy, and averaging over "
-            "rounds does not help because consecutive round gradients point along each other "
-            f"only to cosine {span['consecutive']:.3f} on average (they move within their "
-            "span), so an average cancels them along with the noise.")
+            f"the best is {best(lambda name: name == 'round estimates')}; averaged over rounds "
+            f"first, {best(lambda name: name.startswith('round estimates averaged'))}. With "
+            "half the directions in a span that holds g to cosine c, the estimate's error is "
+            "2(1 - c^2) + 2 r c^2 / d times the every-weight one's, so the span pays only for "
+            f"c above {pays(SPAN_DIMS[0]):.3f} (r = {SPAN_DIMS[0]}) to "
+            f"{pays(SPAN_DIMS[-1]):.3f} (r = {SPAN_DIMS[-1]}). ")
+    if not short:
+        return text + "An estimate history gets there: the span could be found this way."
+    return text + (
+        f"Both stay below: a round's estimate is {span['ratio']:.1f} times as long as its mean "
+        f"batch gradient, so its error has about {span['ratio'] ** 2:.0f} times the "
+        "gradient's energy, and averaging over rounds does not help because consecutive round "
+        f"gradients point along each other only to cosine {span['consecutive']:.3f} on average "
+        "(they move within their span), so an average cancels them along with the noise.")
 
 
 @dataclass(frozen=True)
@@ -442,10 +455,12 @@ EVERY = "estimate, directions move every weight (the accuracy runs' law)"
 SEEDS = (1, 2)
 BASES = {public_label(PUBLIC[2]): PUBLIC[2], "estimate, directions move every weight": None}
 RESEEDED = {(base, seed): f"{base}, seed {seed}" for seed in SEEDS for base in BASES}
-# that guided row again with Adam's lr halved and doubled, over the same seeds
-LRS = (5e-3, 2e-2)
+# that guided row again with Adam's lr halved, doubled and quadrupled, over the same seeds
+LRS = (5e-3, 2e-2, 4e-2)
 SWEPT = {(lr, seed): f"{public_label(PUBLIC[2])}, lr {lr_text(lr)}"
          + (f", seed {seed}" if seed else "") for lr in LRS for seed in (0, *SEEDS)}
+# and BAFFLE's own directions at the higher lrs (seed 0): is the lr alone worth as much?
+EVERY_LRS = {lr: f"estimate, directions move every weight, lr {lr_text(lr)}" for lr in LRS[1:]}
 
 # each recipe run with more than one seed: seed -> row
 GROUPS = [{0: base if BASES[base] else EVERY, **{s: RESEEDED[base, s] for s in SEEDS}}
@@ -463,6 +478,7 @@ ROWS = {
     **{public_label(g): Row(guide=g) for g in PUBLIC},
     **{label: Row(guide=BASES[base], seed=seed) for (base, seed), label in RESEEDED.items()},
     **{label: Row(guide=PUBLIC[2], lr=lr, seed=seed) for (lr, seed), label in SWEPT.items()},
+    **{label: Row(lr=lr) for lr, label in EVERY_LRS.items()},
     "exact gradient (backprop), every weight": Row(exact=True),
     "exact gradient projected on the m = 2000 subspace": Row(m=2000, exact=True),
     GUIDED_EXACT: Row(exact=True, guide=GUIDE),
@@ -561,10 +577,13 @@ def reseeded_reading(saved: dict[str, dict[str, list[float]]]) -> str:
 
     return (f"Over seeds {seeds} (other initial weights, directions and batch order), "
             f"{best} ends at {runs(finals['guided'])}, and the every-weight estimate at "
-            f"{runs(finals['every'])}. With Adam's lr at "
-            + " and ".join(map(lr_text, LRS))
-            + " instead of 1e-2, the guided recipe ends at "
-            + " and at ".join(runs(swept[lr]) for lr in LRS) + ".")
+            f"{runs(finals['every'])}. With Adam's lr at {lr_text(LRS[0])} instead of 1e-2, "
+            f"the guided recipe ends at {runs(swept[LRS[0]])}"
+            + "".join(f"; at {lr_text(lr)}, {runs(swept[lr])}" for lr in LRS[1:])
+            + ". BAFFLE's own every-weight directions at those higher lrs (seed 0) end at "
+            + " and ".join(f"{saved[label]['curve'][-1]:.2f}% ({lr_text(lr)})"
+                           for lr, label in EVERY_LRS.items())
+            + f", against {saved[EVERY]['curve'][-1]:.2f}% at 1e-2.")
 
 
 def row_result(data: DataBundle, label: str) -> dict[str, object]:
