@@ -45,7 +45,7 @@ gradient projected on it); can the estimates find that span; and can the server 
 instead, by backprop on labelled held-out images of its own (``Guide.public``: an
 assumption BAFFLE does not make), with every direction or half of them in it. The best of
 those recipes is rerun with two more seeds, and with Adam's lr halved, doubled and
-quadrupled; the every-weight row too, at the doubled and quadrupled lr.
+quadrupled; the every-weight row too, at the doubled lr (three seeds) and the quadrupled.
 
 A span table then asks whether the estimates could find the span after all (``span_result``):
 on the first epochs of the every-weight run it scores the top r directions of the last H
@@ -459,12 +459,16 @@ RESEEDED = {(base, seed): f"{base}, seed {seed}" for seed in SEEDS for base in B
 LRS = (5e-3, 2e-2, 4e-2)
 SWEPT = {(lr, seed): f"{public_label(PUBLIC[2])}, lr {lr_text(lr)}"
          + (f", seed {seed}" if seed else "") for lr in LRS for seed in (0, *SEEDS)}
-# and BAFFLE's own directions at the higher lrs (seed 0): is the lr alone worth as much?
-EVERY_LRS = {lr: f"estimate, directions move every weight, lr {lr_text(lr)}" for lr in LRS[1:]}
+# and BAFFLE's own directions at the higher lrs: is the lr alone worth as much? 2e-2 over
+# the same seeds, 4e-2 with seed 0
+EVERY_LRS = {(lr, seed): f"estimate, directions move every weight, lr {lr_text(lr)}"
+             + (f", seed {seed}" if seed else "")
+             for lr, seeds in ((2e-2, (0, *SEEDS)), (4e-2, (0,))) for seed in seeds}
 
 # each recipe run with more than one seed: seed -> row
 GROUPS = [{0: base if BASES[base] else EVERY, **{s: RESEEDED[base, s] for s in SEEDS}}
-          for base in BASES] + [{s: SWEPT[lr, s] for s in (0, *SEEDS)} for lr in LRS]
+          for base in BASES] + [{s: SWEPT[lr, s] for s in (0, *SEEDS)} for lr in LRS] + [
+    {s: EVERY_LRS[2e-2, s] for s in (0, *SEEDS)}]
 
 
 ROWS = {
@@ -478,13 +482,18 @@ ROWS = {
     **{public_label(g): Row(guide=g) for g in PUBLIC},
     **{label: Row(guide=BASES[base], seed=seed) for (base, seed), label in RESEEDED.items()},
     **{label: Row(guide=PUBLIC[2], lr=lr, seed=seed) for (lr, seed), label in SWEPT.items()},
-    **{label: Row(lr=lr) for lr, label in EVERY_LRS.items()},
+    **{label: Row(lr=lr, seed=seed) for (lr, seed), label in EVERY_LRS.items()},
     "exact gradient (backprop), every weight": Row(exact=True),
     "exact gradient projected on the m = 2000 subspace": Row(m=2000, exact=True),
     GUIDED_EXACT: Row(exact=True, guide=GUIDE),
 }
 TRACKED = ("estimate tracked across rounds (Kaczmarz, every weight)",
            "estimate tracked across rounds, lr 2e-3", "estimate tracked across rounds, lr 5e-4")
+
+
+def cpu(result: dict[str, object]) -> str:
+    """The CPU model of a row's recorded machine, or "-" where it was not recorded."""
+    return str(result["machine"]).split(",")[0] if "machine" in result else "-"
 
 
 def first_at(curve: list[float], level: float) -> str:
@@ -573,17 +582,22 @@ def reseeded_reading(saved: dict[str, dict[str, list[float]]]) -> str:
     seeds = ", ".join(map(str, (0, *SEEDS)))
 
     def runs(finals: list[float]) -> str:
+        if len(finals) == 1:
+            return f"{finals[0]:.2f}% (seed 0 only)"
         return " / ".join(f"{a:.2f}%" for a in finals) + f" (mean {np.mean(finals):.2f}%)"
+
+    every_lrs: dict[float, list[float]] = {}
+    for (lr, _), label in EVERY_LRS.items():
+        every_lrs.setdefault(lr, []).append(saved[label]["curve"][-1])
 
     return (f"Over seeds {seeds} (other initial weights, directions and batch order), "
             f"{best} ends at {runs(finals['guided'])}, and the every-weight estimate at "
             f"{runs(finals['every'])}. With Adam's lr at {lr_text(LRS[0])} instead of 1e-2, "
             f"the guided recipe ends at {runs(swept[LRS[0]])}"
             + "".join(f"; at {lr_text(lr)}, {runs(swept[lr])}" for lr in LRS[1:])
-            + ". BAFFLE's own every-weight directions at those higher lrs (seed 0) end at "
-            + " and ".join(f"{saved[label]['curve'][-1]:.2f}% ({lr_text(lr)})"
-                           for lr, label in EVERY_LRS.items())
-            + f", against {saved[EVERY]['curve'][-1]:.2f}% at 1e-2.")
+            + ". BAFFLE's own every-weight directions end at "
+            + "; ".join(f"{runs(f)} at {lr_text(lr)}" for lr, f in every_lrs.items())
+            + f", against {runs(finals['every'])} at 1e-2.")
 
 
 def row_result(data: DataBundle, label: str) -> dict[str, object]:
@@ -592,7 +606,7 @@ def row_result(data: DataBundle, label: str) -> dict[str, object]:
     start, capture = time.perf_counter(), []
     curve = train_curve(data, row.m, row.exact, track=row.track, lr=row.lr, guide=row.guide,
                         capture=capture, seed=row.seed)
-    return {"curve": curve, "seconds": time.perf_counter() - start,
+    return {"curve": curve, "seconds": time.perf_counter() - start, "machine": machine(),
             **({"capture": capture} if row.guide else {})}
 
 
@@ -621,8 +635,8 @@ def main() -> None:
     rounds = min(len(c) for c in partition("iid", data.train.y.numpy(), CLIENTS, 0,
                                            val_per_class=data.val_per_class).clients) // BATCH
     passes = EPOCHS * rounds * (K + 1)
-    rows = [[label, f"{saved[label]['curve'][-1]:.2f}", f"{max(saved[label]['curve']):.2f}",
-             first_at(saved[label]["curve"], TARGET),
+    rows = [[label, cpu(saved[label]), f"{saved[label]['curve'][-1]:.2f}",
+             f"{max(saved[label]['curve']):.2f}", first_at(saved[label]["curve"], TARGET),
              " ".join(f"{a:.1f}" for a in saved[label]["curve"])]
             for label in [*list(ROWS)[:1], *([LIBRARY] if LIBRARY in saved else []),
                           *list(ROWS)[1:]]]
@@ -655,8 +669,12 @@ def main() -> None:
         f"{MILESTONES[0]} and {MILESTONES[1]}), {EPOCHS} epochs = {passes:,} forward passes "
         "a client, half of the paper command's. Target: "
         f"{TARGET}% test top-1 (raw weights, no EMA).\n\n"
-        + table(["run", f"test top-1 % after {EPOCHS} epochs", "best", f"first >= {TARGET}%",
-                 "after each epoch"], rows)
+        + table(["run", "trained on", f"test top-1 % after {EPOCHS} epochs", "best",
+                 f"first >= {TARGET}%", "after each epoch"], rows)
+        + "\n\n`trained on`: the CPU a row ran on, where it was recorded (since 2026-12-02; "
+        "AVX2 and AVX-512 EPYCs both trained the earlier rows). Their float kernels round "
+        "differently, so a row rerun on the other CPU follows another curve, as with "
+        "another seed."
         + (f"\n\nThe library row is `{saved[LIBRARY]['command']}`: real perturbed forward "
            f"passes, sigma 1e-4, trained on {saved[LIBRARY]['machine']}."
            if LIBRARY in saved else "")

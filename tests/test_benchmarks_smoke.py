@@ -808,11 +808,12 @@ def test_subspace_reading_states_the_target_met_or_not():
     text = reading(dict(below, **guided, **lower), align)
     assert (f"; at 4e-2, {low:.2f}% / {low - 1:.2f}% / {low - 2:.2f}% "
             f"(mean {low - 1:.2f}%). BAFFLE's own") in text
-    faster = {EVERY_LRS[2e-2]: {"curve": [50.0, 90.5]}, EVERY_LRS[4e-2]: {"curve": [50.0, 91.0]},
-              EVERY: {"curve": [50.0, 89.0]}}
+    faster = {**{EVERY_LRS[2e-2, s]: {"curve": [50.0, 90.5 + s]} for s in (0, 1, 2)},
+              EVERY_LRS[4e-2, 0]: {"curve": [50.0, 91.0]}, EVERY: {"curve": [50.0, 89.0]}}
     text = reading(dict(below, **faster), align)
-    assert ("every-weight directions at those higher lrs (seed 0) end at 90.50% (2e-2) and "
-            "91.00% (4e-2), against 89.00% at 1e-2.") in text
+    assert ("every-weight directions end at 90.50% / 91.50% / 92.50% (mean 91.50%) at 2e-2; "
+            f"91.00% (seed 0 only) at 4e-2, against 89.00% / {low:.2f}% / {low:.2f}% (mean "
+            f"{(89.0 + 2 * low) / 3:.2f}%) at 1e-2.") in text
     # a swept recipe met with seed 1 only: seeds 0 and 2 are named as short
     swept = dict(below, **{SWEPT[2e-2, 1]: {"curve": [50.0, TARGET + 0.1]}})
     text = reading(swept, align)
