@@ -797,10 +797,14 @@ def test_subspace_reading_states_the_target_met_or_not():
               for label in [twin, RESEEDED[twin, 1], RESEEDED[twin, 2]]}
     text = reading(dict(below, **guided), align)
     assert f"{twin}; {RESEEDED[twin, 1]}" in text and "does not hold" not in text
+    assert (f"{twin} reaches it with every seed (seed 0: best {TARGET:.2f}%, first at epoch 2, "
+            f"seed 1: best {TARGET:.2f}%, first at epoch 2, seed 2: best {TARGET:.2f}%, first "
+            "at epoch 2): it holds across seeds.") in text
     assert f"{twin} ends at {TARGET:.2f}% / {TARGET:.2f}% / {TARGET:.2f}% (mean" in text
     guided[RESEEDED[twin, 1]] = {"curve": [50.0, TARGET - 0.5], "capture": [0.5]}
     text = reading(dict(below, **guided), align)
     assert f"Not with seed 1 of {twin}, though (best {TARGET - 0.5:.2f}%)" in text
+    assert "holds across seeds" not in text
     low = TARGET - 1
     assert (f"With Adam's lr at 5e-3 instead of 1e-2, the guided recipe ends at {low:.2f}% / "
             f"{low:.2f}% / {low:.2f}% (mean {low:.2f}%); at 2e-2, {low:.2f}%") in text
