@@ -8,6 +8,8 @@ import torch
 
 from baffle.aggregate import Upload
 from baffle.config import TrainConfig
+from baffle.directions import Basis, DirectionScheme
+from baffle.guide import GuideState
 from baffle.simulator import traffic
 from benchmarks.common import table, write_section
 from benchmarks.engines_common import make
@@ -16,10 +18,17 @@ K = 100
 STEPS_PER_EPOCH = 171  # an MNIST client's local epoch: 5,496 images // batch 32 (the paper's split)
 
 
-def bytes_of(method: str, mode: str, n_params: int) -> tuple[int, int]:
-    """(down, up) for one client and one round, from ``baffle.simulator.traffic``."""
+GUIDE_DIMS, GUIDE_REFRESH = 50, 10  # the guided recipe of the accuracy section
+
+
+def bytes_of(method: str, mode: str, n_params: int,
+             new_basis: bool = False) -> tuple[int, int]:
+    """(down, up) for one client and one round, from ``baffle.simulator.traffic``;
+    ``new_basis``: a --guide-dims round in which the client lacks the latest basis."""
     cfg = TrainConfig(method=method, mode=mode, K=K)
-    fed = SimpleNamespace(config=cfg, n_params=n_params)
+    basis = Basis(torch.zeros(n_params, GUIDE_DIMS), [n_params]) if new_basis else None
+    fed = SimpleNamespace(config=cfg, n_params=n_params, dirs=DirectionScheme(basis=basis),
+                          server=SimpleNamespace(guide=GuideState() if new_basis else None))
     steps = STEPS_PER_EPOCH if (method == "baffle" and mode == "epoch") else 1
     diffs = torch.zeros(steps, K) if steps > 1 else torch.zeros(K)
     u = Upload(0, 32 * steps, tuple(range(steps)), diffs if method == "baffle" else None)
@@ -40,6 +49,13 @@ def main() -> None:
             down, up = bytes_of(method, mode, n)
             rows.append([name, f"{n:,}", label, f"{down:,}", f"{up:,}",
                          f"{rounds_per_epoch * up:,}", f"{rounds_per_epoch * down:,}"])
+        # server-guided directions: U down on one round in GUIDE_REFRESH
+        down, up = bytes_of("baffle", "fedsgd", n)
+        with_basis, _ = bytes_of("baffle", "fedsgd", n, new_basis=True)
+        epoch = STEPS_PER_EPOCH * down + STEPS_PER_EPOCH / GUIDE_REFRESH * (with_basis - down)
+        rows.append([name, f"{n:,}", f"BAFFLE FedSGD, --guide-dims {GUIDE_DIMS}",
+                     f"{down:,} ({with_basis:,} with a new basis)", f"{up:,}",
+                     f"{STEPS_PER_EPOCH * up:,}", f"{epoch:,.0f}"])
     body = (f"K={K}, float32 values, exact payload counts from `baffle.simulator.traffic` "
             "(down: 4 bytes per parameter, + 8 for the seed with BAFFLE; up: 4 K + 8 per "
             "local step + 8 for the example count with BAFFLE, 4 bytes per parameter + 8 with "
@@ -49,7 +65,10 @@ def main() -> None:
             + table(["model", "parameters", "protocol", "down B/round", "up B/round",
                      "up B/epoch", "down B/epoch"], rows)
             + "\n\nEpoch-level BAFFLE uploads K scalars and a seed per local step, not a "
-            "model: the server replays the client's steps from them.")
+            "model: the server replays the client's steps from them. With server-guided "
+            f"directions (`--guide-dims {GUIDE_DIMS} --guide-refresh {GUIDE_REFRESH}`) each "
+            f"client also downloads the basis, 4 d r bytes, every {GUIDE_REFRESH} rounds "
+            "when it takes part in every round; its epoch column counts that share.")
     write_section("communication", "Communication: bytes per client per round", body)
 
 

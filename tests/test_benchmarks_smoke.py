@@ -56,6 +56,10 @@ def test_communication_bytes_are_exact():
     steps = communication.STEPS_PER_EPOCH
     assert communication.bytes_of("baffle", "epoch", n) == (4 * n + 8, steps * (400 + 8) + 8)
     assert communication.bytes_of("bp-fedsgd", "fedsgd", n) == (4 * n, 4 * n + 8)
+    # a client lacking the latest --guide-dims basis also downloads U: n x r float32s
+    r = communication.GUIDE_DIMS
+    assert communication.bytes_of("baffle", "fedsgd", n, new_basis=True) == (
+        4 * n + 8 + 4 * n * r, 4 * 100 + 8 + 8)
 
 
 def test_communication_section_goes_to_the_file_it_is_given(tmp_path, monkeypatch):
@@ -454,10 +458,23 @@ def test_accuracy_verdict_states_both_targets_met_or_not():
     text = verdict(records, 20)
     assert "met by k500 on CPU (95.28% at epoch 14, 1,199,394 forward passes" in text
     assert "**NOT met** (the fewest to reach it: 1,199,394, 3.47x the paper's" in text
+    # a server-guided run meets it, but the verdict says what it assumes and what plain
+    # directions took
+    records[("guided", "CPU")] = rec((9, 155439, 95.3)) | {"config": {"guide_dims": 50}}
+    lines = verdict(records, 20).splitlines()
+    assert "guided on CPU (95.30% at epoch 9, 155,439 forward passes per client; " \
+           "server-guided)" in lines[0]
+    assert lines[1].endswith(
+        "met (the fewest to reach it: 155,439, 0.45x the paper's command, guided on CPU); "
+        "that run assumes what BAFFLE does not: labelled images and backprop on the server "
+        "(--guide-dims), and without such directions the fewest were 1,199,394 (3.47x, "
+        "k500 on CPU)")
+    del records[("guided", "CPU")]
     records[("cheap", "CPU")] = rec((9, 172710, 95.2))  # exactly half: met
     lines = verdict(records, 20).splitlines()
     assert lines[0].index("cheap on CPU") < lines[0].index("k500 on CPU")  # fewest first
-    assert lines[1].endswith("met (the fewest to reach it: 172,710, 0.50x the paper's command)")
+    assert lines[1].endswith("met (the fewest to reach it: 172,710, 0.50x the paper's command, "
+                             "cheap on CPU)")
     assert len(lines) == 2  # the command stopped at epoch 2: no level of its own yet
     records[("baffle-fedsgd-round", "CPU")] = rec((1, 17271, 43.0), (10, 172710, 87.56),
                                                    (20, 345420, 80.71))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from baffle import TrainConfig, train
 from baffle.client import local_epoch_update, local_optimizer, replay_local_epoch
-from baffle.directions import DirectionScheme, directions, layer_blocks
+from baffle.directions import GUIDE_TENSOR, Basis, DirectionScheme, directions, layer_blocks
 from baffle.errors import SchemeMismatchError
 from baffle.estimator import EstimatorSpec, choose_engine, loss_differences
 from baffle.models import build_model
@@ -182,3 +182,14 @@ def test_the_gpu_direction_cache_changes_no_bit(monkeypatch, sharing):
     assert len(made) == 3 and all(c.hits >= c.misses > 0 for c in made)
     assert all(torch.equal(a, b) for a, b in
                zip(cached.model.parameters(), fresh.model.parameters(), strict=True))
+
+
+def test_guided_directions_on_the_gpu_are_u_times_the_gpus_draw():
+    u = torch.linalg.qr(torch.randn(40, 3, generator=torch.Generator().manual_seed(0))).Q
+    dirs = DirectionScheme(device="cuda", basis=Basis(u, [25, 15]))
+    z = directions(GPU, 4, range(8), GUIDE_TENSOR, (3,))
+    eps = directions(dirs, 4, range(8), 1, (3, 5))
+    assert eps.device.type == "cuda"
+    torch.testing.assert_close(eps.reshape(8, -1), z @ u[25:].cuda().T, rtol=0, atol=1e-6)
+    alone = torch.stack([directions(dirs, 4, range(k, k + 1), 1, (3, 5))[0] for k in range(8)])
+    assert torch.equal(eps, alone)

@@ -23,6 +23,9 @@ def _final_state(run):
 
 @pytest.mark.parametrize("extra,kill_after", [
     (["--rounds", "30", "--lr", "0.03"], 9),
+    # server-guided directions: the gradient history and the basis resume too
+    (["--rounds", "16", "--guide-dims", "3", "--guide-history", "5", "--guide-refresh", "3",
+      "--guide-images", "100"], 8),
     (["--mode", "epoch", "--rounds", "6", "--local-steps", "5"], 2),
     (["--mode", "epoch", "--rounds", "6", "--local-steps", "5", "--client-optimizer", "keep"], 2),
     (["--method", "bp-fedavg", "--rounds", "6", "--local-steps", "5",

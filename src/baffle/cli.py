@@ -61,6 +61,16 @@ HELP = {
              "on a CPU and as many as fit --max-memory on a GPU)",
     "max_memory": "memory budget for the estimator's scratch, e.g. 512MiB or 2GiB "
                   "(auto = a quarter of the free memory); chunks K to fit",
+    "guide_dims": "r > 0: the server backprops on its own labelled held-out images each round "
+                  "and every direction lies in the top r principal directions of its last "
+                  "--guide-history gradients (sent to clients every --guide-refresh rounds; "
+                  "not in the paper; `baffle train` only) | 0: directions move every weight",
+    "guide_history": "with --guide-dims: the server gradients (one a round) the basis is "
+                     "computed from",
+    "guide_refresh": "with --guide-dims: rounds between new bases (each one a 4*d*r-byte "
+                     "download)",
+    "guide_images": "with --guide-dims: the server's labelled images, the first N of the "
+                    "validation split (its val metrics then include them)",
     "epochs": "training length in epochs (a FedSGD epoch = the smallest client's batches)",
     "rounds": "training length in rounds (overrides --epochs)",
     "batch_size": "local mini-batch size",

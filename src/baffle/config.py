@@ -64,6 +64,11 @@ class TrainConfig:
     engine: str = "auto"  # auto | batched | inplace | sequential | vmap
     chunk: int = 32  # perturbed models per batched pass
     max_memory: str = "auto"  # estimator scratch budget, e.g. 512MiB, 2GiB (auto = 1/4 of free)
+    # server-guided directions (baffle.guide): the server's backprop on held-out images
+    guide_dims: int = 0  # r > 0: every direction in the top r of its recent gradients
+    guide_history: int = 100  # H: gradients (one a round) the basis is computed from
+    guide_refresh: int = 10  # rounds between new bases
+    guide_images: int = 5000  # the server's labelled images: the first N of the val split
     # schedule
     epochs: int = 20
     rounds: int = 0  # if > 0, overrides epochs
@@ -147,13 +152,14 @@ def validate(c: TrainConfig) -> None:
     validate_k_schedule(c.K_milestones, c.K_values)
     positive_ints = {"clients": c.clients, "batch_size": c.batch_size, "chunk": c.chunk,
                      "min_clients": c.min_clients,
-                     "checkpoint_every": c.checkpoint_every}
+                     "checkpoint_every": c.checkpoint_every, "guide_history": c.guide_history,
+                     "guide_refresh": c.guide_refresh, "guide_images": c.guide_images}
     for name, v in positive_ints.items():
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be an integer >= 1 (got {v!r})")
     for name, v in {"epochs": c.epochs, "rounds": c.rounds, "local_steps": c.local_steps,
                     "eval_every": c.eval_every, "clients_per_round": c.clients_per_round,
-                    "keep_every": c.keep_every}.items():
+                    "keep_every": c.keep_every, "guide_dims": c.guide_dims}.items():
         if not isinstance(v, int) or v < 0:
             raise ConfigError(f"{name} must be an integer >= 0 (got {v!r})")
     if c.epochs == 0 and c.rounds == 0:
@@ -170,8 +176,23 @@ def validate(c: TrainConfig) -> None:
             raise ConfigError(f"{name} must be a finite number >= 0 (0 = off; got {v!r})")
     if not (0 <= c.ema_decay < 1):
         raise ConfigError(f"ema_decay must be in [0, 1) (got {c.ema_decay!r})")
+    if c.guide_dims:
+        validate_guide(c)
     if c.method != "baffle" and c.mode != "fedsgd" and c.mode != c.round_mode:
         raise ConfigError(f"--mode does not apply to {c.method}; its name fixes the round structure")
+
+
+def validate_guide(c: TrainConfig) -> None:
+    """Guided directions: BAFFLE FedSGD, directions over every weight, H >= r."""
+    if not c.is_baffle or c.round_mode != "fedsgd":
+        raise ConfigError("--guide-dims applies to BAFFLE FedSGD rounds (--method baffle "
+                          "--mode fedsgd)")
+    if c.perturb != "all":
+        raise ConfigError("--guide-dims confines directions to a subspace of every weight; "
+                          "use --perturb all")
+    if c.guide_history < c.guide_dims:
+        raise ConfigError(f"--guide-history {c.guide_history} holds too few gradients for "
+                          f"--guide-dims {c.guide_dims}: use a history >= the dimensions")
 
 
 def validate_k_schedule(milestones: tuple[int, ...], values: tuple[int, ...]) -> None:

@@ -38,10 +38,21 @@ a standard normal truncated at |eps| <= sqrt(48 ln 2) = 5.77; any subset of dire
 is drawn without the others. On a CPU its draw takes about 3x torch's (a LeNet step runs
 at 0.89x; BENCHMARKS.md, samplers), so ``torch`` stays the default.
 
+A scheme may instead confine every direction to an r-dimensional subspace of the weights,
+the column span of an orthonormal ``Basis`` U (d x r) that the server sends (``--guide-dims``,
+``baffle.guide``). Direction k is then
+
+    eps[s, k] = U z_k,   z_k = the draw above for a tensor of shape (r,) at index GUIDE_TENSOR
+
+so eps[s, k, p] = U_p z_k with U_p the rows of U that belong to tensor p, computed one
+direction at a time (the same bits whichever directions are drawn with it). The forward
+estimate then tends, as sigma -> 0, to U (1/K sum z z^T) U^T g: unbiased for U U^T g, the
+gradient's part in the span, with an error that grows with r instead of d.
+
 Two parties agree on directions only if they share ``SCHEME_VERSION``, the sampler, the
-block layout *and* their torch draws the same numbers on the same generation device.
-``DirectionScheme.fingerprint`` hashes the sampler, the layout and a probe draw, so a
-mismatch (other torch release, device, sampler or layout) is caught by
+block layout, the basis *and* their torch draws the same numbers on the same generation device.
+``DirectionScheme.fingerprint`` hashes the sampler, the layout, the basis's digest and a
+probe draw, so a mismatch (other torch release, device, sampler, layout or basis) is caught by
 ``DirectionScheme.check`` before anyone trains on garbage.
 """
 
@@ -64,6 +75,8 @@ _MASK63 = (1 << 63) - 1
 # Probe shapes for the fingerprint: torch's CPU normal sampler takes a scalar path below
 # 16 elements and a vectorised one from 16 on, so both are covered.
 _PROBE_SHAPES = ((7,), (3, 11), (64,))
+# the tensor index whose draws are a guided direction's coordinates z_k in its basis
+GUIDE_TENSOR = 1 << 30
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -94,6 +107,45 @@ def layer_blocks(names: Sequence[str]) -> tuple[int, ...]:
     return tuple(ids.setdefault(n.rpartition(".")[0], len(ids)) for n in names)
 
 
+class Basis:
+    """An orthonormal basis U (d x r) of a subspace of the trainable weights, split by
+    rows into one (n_p x r) block per parameter tensor; equal (and hashed) by a digest of
+    its float32 bytes, so two parties holding the same numbers hold the same basis."""
+
+    def __init__(self, columns: torch.Tensor, sizes: Sequence[int]) -> None:
+        if columns.ndim != 2 or columns.shape[0] != sum(sizes):
+            raise ValueError(f"a basis of {sum(sizes)} weights needs {sum(sizes)} rows "
+                             f"(got shape {tuple(columns.shape)})")
+        u = columns.detach().to("cpu", torch.float32).contiguous()
+        self.dims = u.shape[1]
+        self.blocks = tuple(b.contiguous() for b in u.split(list(sizes)))
+        self.digest = hashlib.sha256(u.numpy().tobytes()).hexdigest()[:16]
+        self._moved: dict[tuple[str, int], torch.Tensor] = {}  # blocks on other devices
+
+    def block(self, p: int, device: torch.device) -> torch.Tensor:
+        """U_p (n_p x r) on ``device``, copied there once."""
+        if device.type == "cpu":
+            return self.blocks[p]
+        key = (str(device), p)
+        if key not in self._moved:
+            self._moved[key] = self.blocks[p].to(device)
+        return self._moved[key]
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """U, (d x r)."""
+        return torch.cat(self.blocks)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Basis) and other.digest == self.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __repr__(self) -> str:
+        return f"Basis(d={sum(len(b) for b in self.blocks)}, r={self.dims}, {self.digest})"
+
+
 @dataclass(frozen=True)
 class DirectionScheme:
     """How directions are drawn: the scheme version, the generation device and the block
@@ -104,8 +156,12 @@ class DirectionScheme:
     blocks: tuple[int, ...] = ()
     sampler: str = "torch"  # torch: one generator per (direction, tensor) | counter
     cycle: tuple[int, ...] = ()  # direction k moves block cycle[k % len]; () = 0..L-1
+    basis: Basis | None = None  # every direction U z in the span of U (None: all of R^d)
 
     def __post_init__(self) -> None:
+        if self.basis is not None and self.blocks:
+            raise ValueError("a basis confines directions to a subspace of every weight; "
+                             "it cannot be combined with blocks (layer directions)")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS} (got {self.sampler!r})")
         if self.blocks and sorted(set(self.blocks)) != list(range(max(self.blocks) + 1)):
@@ -170,9 +226,10 @@ class DirectionScheme:
 
     def fingerprint(self) -> str:
         """12 hex digits: a hash of the version, the device type, the sampler, the blocks,
-        their cycle and a probe draw."""
+        their cycle, the basis's digest and a probe draw."""
         return _fingerprint(self.version, torch.device(self.device).type, self.blocks,
-                            self.sampler, self.cycle)
+                            self.sampler, self.cycle,
+                            "" if self.basis is None else self.basis.digest)
 
     def check(self, version: str, fingerprint: str) -> None:
         """Raise ``SchemeMismatchError`` unless a peer's (version, fingerprint) is ours."""
@@ -188,13 +245,13 @@ class DirectionScheme:
                 f"{self.device}, {self.sampler} sampler, {self.n_blocks} block(s), torch "
                 f"{torch.__version__}): server and clients would draw different directions; "
                 "use the same torch version, generation device, --sampler, model, --perturb "
-                "and --layer-cycle"
+                "and --layer-cycle, and the server's latest basis (--guide-dims)"
             )
 
 
 @functools.lru_cache(maxsize=8)
 def _fingerprint(version: str, device: str, blocks: tuple[int, ...], sampler: str,
-                 cycle: tuple[int, ...] = ()) -> str:
+                 cycle: tuple[int, ...] = (), basis: str = "") -> str:
     scheme = DirectionScheme(version, device, sampler=sampler)
     h = hashlib.sha256(version.encode() + b"|" + device.encode())
     if blocks:  # the dense scheme keeps the fingerprint it always had
@@ -203,6 +260,8 @@ def _fingerprint(version: str, device: str, blocks: tuple[int, ...], sampler: st
         h.update(b"|sampler:" + sampler.encode())
     if cycle:  # and the default cycle 0..L-1
         h.update(b"|cycle:" + ",".join(map(str, cycle)).encode())
+    if basis:  # and so does every scheme without one
+        h.update(b"|basis:" + basis.encode())
     for p, shape in enumerate(_PROBE_SHAPES):
         draw = directions(scheme, 12345, range(p, p + 1), p, shape)[0]
         h.update(draw.cpu().numpy().tobytes())
@@ -272,6 +331,9 @@ def directions(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Directions ``ks`` of parameter ``p`` stacked: shape ``(len(ks), *shape)``."""
+    if scheme.basis is not None:
+        out = _guided_directions(scheme, seed, ks, p, shape)
+        return out if device is None else out.to(device)
     if scheme.sampler == "counter":
         out = _counter_directions(scheme, seed, ks, p, math.prod(shape)).view(len(ks), *shape)
         return out if device is None else out.to(device)
@@ -285,6 +347,24 @@ def directions(
             g.manual_seed(seed_of(k, p))
             out[i].normal_(generator=g)
     return out if device is None else out.to(device)
+
+
+def _guided_directions(scheme: DirectionScheme, seed: int, ks: Sequence[int], p: int,
+                       shape: torch.Size | Sequence[int]) -> torch.Tensor:
+    """U_p z_k for each k in ``ks``, one matrix-vector product a direction so that a
+    direction's bits do not depend on the others drawn with it (an in-place engine
+    subtracts exactly what it added, and the server rebuilds the clients' very values)."""
+    assert scheme.basis is not None
+    free = DirectionScheme(scheme.version, scheme.device, sampler=scheme.sampler)
+    z = directions(free, seed, ks, GUIDE_TENSOR, (scheme.basis.dims,))
+    block = scheme.basis.block(p, z.device)
+    if block.shape[0] != math.prod(shape):
+        raise ValueError(f"the basis holds {block.shape[0]} weights of tensor {p}, "
+                         f"not {math.prod(shape)}: it was made for another model")
+    out = torch.empty((len(ks), *shape), dtype=torch.float32, device=z.device)
+    for i in range(len(ks)):
+        torch.mv(block, z[i], out=out[i].view(-1))
+    return out
 
 
 def _counter_directions(scheme: DirectionScheme, seed: int, ks: Sequence[int], p: int,

@@ -17,6 +17,7 @@ from torch import nn
 from baffle.ema import EMA
 from baffle.errors import ConfigError
 from baffle.estimator import trainable_params
+from baffle.guide import GuideState
 from baffle.reconstruct import rescale_inf_norm, write_grads
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -81,6 +82,7 @@ class Server:
     # client -> its local optimizer's state after its last local epoch (--client-optimizer
     # keep): BAFFLE's as the server replayed it, bp-fedavg's as the client left it; else empty
     client_optim: dict[int, dict[str, Any]] = field(default_factory=dict)
+    guide: GuideState | None = None  # --guide-dims: the gradients that pick the basis
 
     @property
     def shapes(self) -> list[torch.Size]:
@@ -111,11 +113,14 @@ class Server:
             "optimizer": self.optimizer.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "client_optim": self.client_optim,
+            **({} if self.guide is None else {"guide": self.guide.state_dict()}),
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.model.load_state_dict(state["model"])  # type: ignore[arg-type]
         self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
         self.client_optim = dict(state.get("client_optim") or {})  # type: ignore[call-overload]
+        if self.guide is not None:
+            self.guide = GuideState.from_state(state.get("guide"))  # type: ignore[arg-type]
         ema, device = state["ema"], next(self.model.parameters()).device
         self.ema = None if ema is None else EMA.from_state(ema, device)  # type: ignore[arg-type]

@@ -1,6 +1,7 @@
 """The in-process federated simulator: one readable training loop.
 
     for each round r:
+        [--guide-dims: server gradient on its own images -> new basis every few rounds]
         sample clients -> send (W, seed) -> clients upload K scalars (or the baselines'
         tensors) -> validate -> aggregate -> rebuild -> optimizer step -> EMA -> evaluate
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -48,6 +50,7 @@ from baffle.directions import DirectionCache, DirectionScheme, derive_seed, laye
 from baffle.ema import EMA
 from baffle.errors import BaffleError, ConfigError
 from baffle.estimator import EstimatorSpec, LossFn, check_no_batchnorm, trainable_params
+from baffle.guide import GuideState, flat_gradient, public_batch
 from baffle.models import build_model
 from baffle.rundir import CONFIG, RunDir
 from baffle.schedule import k_at, lr_at
@@ -76,6 +79,7 @@ class Federation:
     rounds_per_epoch: int
     total_rounds: int
     cache: DirectionCache | None = None  # this FedSGD round's drawn directions
+    public: ArrayDataset | None = None  # --guide-dims: the server's labelled images
 
     def spec_at(self, round_: int) -> EstimatorSpec:
         """The estimator of round ``round_``: ``spec`` with K from the K schedule."""
@@ -127,9 +131,17 @@ def setup(
     total = config.rounds or config.epochs * rounds_per_epoch
     val = data.train.subset(split.val) if len(split.val) else None
     dirs = direction_scheme(config, model)
-    return Federation(config, data, split.clients, val, Server(model, optimizer, ema),
-                      loss_fn or F.cross_entropy, EstimatorSpec(config.K, config.sigma,
-                      config.scheme), dirs, rounds_per_epoch, total)
+    public = None
+    if config.guide_dims:
+        if len(split.val) < config.guide_images:
+            raise ConfigError(f"--guide-images {config.guide_images} asks for more held-out "
+                              f"images than the validation split has ({len(split.val)}): "
+                              "lower it or raise --val-per-class")
+        public = data.train.subset(split.val[:config.guide_images])
+    server = Server(model, optimizer, ema, guide=GuideState() if config.guide_dims else None)
+    return Federation(config, data, split.clients, val, server, loss_fn or F.cross_entropy,
+                      EstimatorSpec(config.K, config.sigma, config.scheme), dirs,
+                      rounds_per_epoch, total, public=public)
 
 
 def initial_model(config: TrainConfig, data: DataBundle) -> nn.Module:
@@ -161,6 +173,25 @@ def direction_scheme(config: TrainConfig, model: nn.Module) -> DirectionScheme:
 
 def _dir_device(device: str) -> str:
     return "cpu" if torch.device(device).type == "cpu" else device
+
+
+def guide_round(fed: Federation, r: int) -> None:
+    """--guide-dims: the server's gradient at round ``r``'s weights on its batch of
+    held-out images joins the history (a new basis on refresh rounds), and the round's
+    directions lie in the latest basis (``baffle.guide``)."""
+    cfg, guide = fed.config, fed.server.guide
+    if guide is None or fed.public is None:
+        return
+    idx = torch.as_tensor(public_batch(cfg.seed, r, len(fed.public),
+                                       cfg.clients * cfg.batch_size))
+    x, y = fed.public.x[idx].to(cfg.device), fed.public.y[idx].to(cfg.device)
+    gradient = flat_gradient(fed.server.model, fed.loss_fn, x, y)
+    if guide.observe(gradient, r, cfg.guide_dims, cfg.guide_history, cfg.guide_refresh):
+        log.info("round %d: new basis of %d directions from %d server gradients", r,
+                 cfg.guide_dims, len(guide.history))
+    basis = guide.basis_for([math.prod(s) for s in fed.server.shapes])
+    if basis != fed.dirs.basis:
+        fed.dirs = replace(fed.dirs, basis=basis)
 
 
 def sample_clients(config: TrainConfig, round_: int) -> list[int]:
@@ -332,11 +363,15 @@ def evaluate(model: nn.Module, data: ArrayDataset, device: str, batch: int = 100
 def traffic(fed: Federation, u: Upload) -> tuple[int, int]:
     """Exact payload bytes (down, up) of one client in one round, float32 values.
 
-    Down: the weights (4 bytes each) plus, for BAFFLE, the 8-byte seed.
+    Down: the weights (4 bytes each) plus, for BAFFLE, the 8-byte seed, and with
+    --guide-dims the basis U (4 d r bytes) whenever the client lacks the latest one.
     Up: 4 bytes per loss difference plus 8 per seed (BAFFLE), or a model-sized
     gradient/model (backprop); plus 8 bytes for the example count.
     """
     down = 4 * fed.n_params + (8 if fed.config.is_baffle else 0)
+    guide, basis = fed.server.guide, fed.dirs.basis
+    if guide is not None and basis is not None and guide.held.get(u.client) != basis.digest:
+        down += 4 * fed.n_params * basis.dims
     if fed.config.is_baffle:
         up = 4 * (0 if u.diffs is None else u.diffs.numel()) + 8 * len(u.seeds) + 8
     else:
@@ -518,6 +553,7 @@ def train(
     for r in range(start, fed.total_rounds):
         t0 = time.perf_counter()
         lr = begin_round(fed, r)
+        guide_round(fed, r)
         cfg = fed.config
         if cfg.is_baffle and cfg.round_mode == "fedsgd" and (
                 cfg.seed_sharing == "round" or cfg.sampler == "torch" or cfg.device != "cpu"):
@@ -551,6 +587,9 @@ def round_record(fed: Federation, r: int, lr: float, sampled: list[int],
     """The accounting logged for one round (per-client numbers are means over senders)."""
     n = max(1, len(accepted))
     down_up = [traffic(fed, u) for u in accepted]
+    if fed.server.guide is not None and fed.dirs.basis is not None:
+        for c in sampled:  # every client sent the round's basis now holds it
+            fed.server.guide.held[c] = fed.dirs.basis.digest
     return {
         "round": r,
         "epoch": (r + 1) / fed.rounds_per_epoch,

@@ -33,7 +33,11 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[TrainConfig, dic
     """Split a Flower run config into our TrainConfig and the Flower-only settings."""
     flower = {k: run_config.get(k, v) for k, v in FLOWER_KEYS.items()}
     values = {k.replace("-", "_"): v for k, v in run_config.items() if k not in FLOWER_KEYS}
-    return from_dict(values), flower
+    config = from_dict(values)
+    if config.guide_dims:
+        raise ConfigError("guide-dims (server-guided directions) runs in `baffle train` only: "
+                          "the Flower apps do not send the basis to clients yet; set it to 0")
+    return config, flower
 
 
 def round_config(round_: int, seed: int, lr: float, spec: EstimatorSpec,
