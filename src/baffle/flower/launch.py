@@ -428,6 +428,9 @@ class LocalFlower:
         while (left := [pid for pid in tree if _alive(pid)]) and time.monotonic() < deadline:
             time.sleep(0.2)  # SuperExecs exit on their own once their parent is gone
         _signal(left, signal.SIGKILL)
+        deadline = time.monotonic() + 10  # a kill lands asynchronously: wait for it to land
+        while [pid for pid in left if _alive(pid)] and time.monotonic() < deadline:
+            time.sleep(0.05)
         for p in [self.superlink, *self.nodes]:
             if p is not None and p.poll() is None:
                 p.kill()
