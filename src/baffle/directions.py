@@ -131,11 +131,6 @@ class Basis:
             self._moved[key] = self.blocks[p].to(device)
         return self._moved[key]
 
-    @property
-    def matrix(self) -> torch.Tensor:
-        """U, (d x r)."""
-        return torch.cat(self.blocks)
-
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Basis) and other.digest == self.digest
 

@@ -186,12 +186,13 @@ def guide_round(fed: Federation, r: int) -> None:
                                        cfg.clients * cfg.batch_size))
     x, y = fed.public.x[idx].to(cfg.device), fed.public.y[idx].to(cfg.device)
     gradient = flat_gradient(fed.server.model, fed.loss_fn, x, y)
-    if guide.observe(gradient, r, cfg.guide_dims, cfg.guide_history, cfg.guide_refresh):
+    new = guide.observe(gradient, r, cfg.guide_dims, cfg.guide_history, cfg.guide_refresh)
+    if new:
         log.info("round %d: new basis of %d directions from %d server gradients", r,
                  cfg.guide_dims, len(guide.history))
-    basis = guide.basis_for([math.prod(s) for s in fed.server.shapes])
-    if basis != fed.dirs.basis:
-        fed.dirs = replace(fed.dirs, basis=basis)
+    if new or (guide.basis is not None and fed.dirs.basis is None):  # or just resumed
+        fed.dirs = replace(fed.dirs, basis=guide.basis_for(
+            [math.prod(s) for s in fed.server.shapes]))
 
 
 def sample_clients(config: TrainConfig, round_: int) -> list[int]:
