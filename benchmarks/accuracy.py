@@ -154,6 +154,9 @@ WHY = {  # what each run asks, printed beside its command
 OUT = ROOT / "runs" / ("accuracy" if DEVICE == "cpu" else "accuracy-gpu")
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy"
 CARRIED = (CONFIG, METRICS, CHECKPOINT, BRANCH)  # what resumes a run, kept epochs aside
+# the most one run's carry may hold: a guided run's checkpoint (its gradient history and
+# basis) is 16 MB, too big to commit again after every stretch of training
+CARRY_LIMIT_MB = float(os.environ.get("BAFFLE_ACC_CARRY_MB", "8"))
 PAPER = 95.17  # "95.17% accuracy on MNIST with 20 communication rounds"
 TARGET = 95.2  # the issue's target: at least this test top-1 within the epochs
 PROTOCOL = "baffle-fedsgd-round"  # the authors' command as written: its passes are the budget
@@ -266,8 +269,19 @@ def branch_points() -> set[int]:
 def carry(name: str, run: Path) -> None:
     """Copy what resumes run ``name`` (``CARRIED``, its machine note, and the checkpoints
     it kept at ``branch_points()``) to ``carry_dir(name)``, replacing the last copy whole:
-    about 0.5 MB per checkpoint for LeNet, where ``runs/`` is lost with the machine."""
+    about 0.5 MB per checkpoint for LeNet, where ``runs/`` is lost with the machine. A run
+    whose state is over ``CARRY_LIMIT_MB`` is not carried at all."""
     dest = carry_dir(name)
+    src = RunDir(run)
+    kept = sorted(set(src.kept_epochs()) & branch_points())
+    files = [run / f for f in CARRIED if (run / f).exists()] + [src.kept_path(e) for e in kept]
+    if (size := sum(f.stat().st_size for f in files) / 2**20) > CARRY_LIMIT_MB:
+        # half a carry (a curve without its checkpoint) would resume nothing: drop it whole
+        shutil.rmtree(dest, ignore_errors=True)
+        print(f"accuracy: {name} is not carried: its state is {size:.1f} MB, over the "
+              f"{CARRY_LIMIT_MB:g} MB limit (BAFFLE_ACC_CARRY_MB); its record is saved, and "
+              f"a machine without {run} trains it from round 0")
+        return
     tmp = dest.with_name(f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -276,8 +290,8 @@ def carry(name: str, run: Path) -> None:
             shutil.copy2(run / f, tmp / f)
     if (OUT / f"{name}.machine").exists():
         shutil.copy2(OUT / f"{name}.machine", tmp / "machine")
-    src, copy = RunDir(run), RunDir(tmp)
-    for e in sorted(set(src.kept_epochs()) & branch_points()):
+    copy = RunDir(tmp)
+    for e in kept:
         copy.kept_path(e).parent.mkdir(exist_ok=True)
         shutil.copy2(src.kept_path(e), copy.kept_path(e))
     shutil.rmtree(dest, ignore_errors=True)
@@ -460,7 +474,8 @@ def report(records: dict[tuple[str, str], dict[str, Any]], epochs: int) -> None:
         "library now runs it (`--guide-dims 50`): " + guided_progress(records) + "."
         + "\n\nRuns (`BAFFLE_ACC_RUNS=NAME python -m benchmarks.run accuracy` resumes one "
         "that stopped short, from `runs/accuracy/NAME` or else from the state the last "
-        "machine to train it committed in `benchmarks/results/accuracy/carry/NAME`):"
+        "machine to train it committed in `benchmarks/results/accuracy/carry/NAME`, unless "
+        f"that was over {CARRY_LIMIT_MB:g} MB; then it trains from round 0):"
         f"\n{cmds}"
         + "\n\n![accuracy](benchmarks/figures/accuracy.png)"
     )

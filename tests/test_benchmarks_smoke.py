@@ -432,6 +432,33 @@ def test_accuracy_carries_a_run_across_machines_that_lose_runs(accuracy, tmp_pat
     assert accuracy.load("b", 3)["curve"][-1][2] == scratch_b.metrics[-1]["test_top1"]
 
 
+def test_accuracy_does_not_carry_a_run_over_the_size_limit(accuracy, tmp_path, monkeypatch,
+                                                           capsys):
+    """A run whose state is over the limit is not committed at all, so an older carry of it
+    goes too; its record stays, and the next machine retrains it from round 0, exactly."""
+    monkeypatch.setattr(accuracy, "RUNS", {"a": dict(lr=0.03)})
+    monkeypatch.setenv("BAFFLE_ACC_RUNS", "a")
+    monkeypatch.setenv("BAFFLE_ACC_EPOCHS", "1")
+    runs, carried = tmp_path / "runs", tmp_path / "results" / "carry" / "a"
+    accuracy.main()
+    size = sum(f.stat().st_size for f in carried.iterdir()) / 2**20
+    assert (carried / "checkpoint.pt").exists()
+    monkeypatch.setattr(accuracy, "CARRY_LIMIT_MB", size / 2)
+    monkeypatch.setenv("BAFFLE_ACC_EPOCHS", "2")
+    accuracy.main()
+    assert not carried.exists()
+    assert re.search(r"accuracy: a is not carried: its state is [0-9.]+ MB, over the "
+                     f"{size / 2:g} MB limit", capsys.readouterr().out)
+    assert [p[0] for p in accuracy.load("a", 2)["curve"]] == [1.0, 2.0]
+    shutil.rmtree(runs)  # the next machine
+    monkeypatch.setenv("BAFFLE_ACC_EPOCHS", "3")
+    accuracy.main()
+    assert "resumed" not in (runs / "a.machine").read_text()
+    scratch = train(accuracy.config("a", 3), run_dir=tmp_path / "scratch")
+    assert [r["train_loss"] for r in RunDir(runs / "a").metrics()] == \
+        [r["train_loss"] for r in scratch.metrics]
+
+
 def test_accuracy_refuses_an_unknown_run_in_one_line(accuracy, monkeypatch):
     monkeypatch.setenv("BAFFLE_ACC_RUNS", "bp-fedsgd,no-such-run")
     with pytest.raises(SystemExit, match=r"^error: unknown run\(s\) no-such-run; choose from "):
