@@ -522,10 +522,14 @@ def train_one(name: str, epochs: int) -> None:
     if not resume:
         note.write_text(f"{describe_machine(DEVICE)}; {shared} run(s) at a time\n")
     elif not (rows := RunDir(run).metrics()) or rows[-1]["epoch"] < epochs - 1e-9:
-        # a stretch of training more: say where and when it ran
+        # a stretch of training more: say where and when it ran, and from which round (its
+        # checkpoint's: logged rounds past it, or all of them without one, train again)
+        ckpt = RunDir(run).load_checkpoint()
+        done = int(ckpt["rounds_done"]) if ckpt is not None else 0
+        again = f", retraining {len(rows) - done} logged round(s)" if len(rows) > done else ""
         before = note.read_text().rstrip("\n") if note.exists() else "an unrecorded machine"
         note.write_text(f"{before}; resumed {'from its carried state ' if carried else ''}"
-                        f"after {len(rows)} logged rounds at {time.strftime('%H:%M %Z')} on "
+                        f"at round {done}{again} at {time.strftime('%H:%M %Z')} on "
                         f"{describe_machine(DEVICE)}, {shared} run(s) at a time\n")
     parent = OUT / BRANCH_OF.get(name, name)
     if not resume and parent != run:

@@ -417,7 +417,9 @@ def test_accuracy_carries_a_run_across_machines_that_lose_runs(accuracy, tmp_pat
     assert [r["train_loss"] for r in RunDir(runs / "a").metrics()] == \
         [r["train_loss"] for r in scratch.metrics]
     assert accuracy.load("a", 3)["curve"][-1][2] == scratch.metrics[-1]["test_top1"]
-    assert "; resumed from its carried state after " in (runs / "a.machine").read_text()
+    two_epochs = sum(r["epoch"] <= 2 + 1e-9 for r in scratch.metrics)  # the carried rounds
+    assert f"; resumed from its carried state at round {two_epochs} at " in \
+        (runs / "a.machine").read_text()
     assert "resumed from its carried state" in accuracy.load("a", 3)["machine"]
     # epochs 1 and 2 are schedule milestones (a's lr, b's K), so carried; 3 is not
     assert RunDir(runs / "a").kept_epochs() == [1, 2, 3]
@@ -430,6 +432,27 @@ def test_accuracy_carries_a_run_across_machines_that_lose_runs(accuracy, tmp_pat
     assert json.loads((runs / "b" / "branch.json").read_text())["epoch"] == 2
     scratch_b = train(accuracy.config("b", 3), run_dir=tmp_path / "scratch-b")
     assert accuracy.load("b", 3)["curve"][-1][2] == scratch_b.metrics[-1]["test_top1"]
+
+
+def test_accuracy_machine_note_names_the_round_a_resume_trains_from(accuracy, tmp_path,
+                                                                      monkeypatch):
+    """A run stopped before its first checkpoint resumes at round 0, and its machine note
+    says so, not that it went on after its logged rounds."""
+    monkeypatch.setattr(accuracy, "RUNS", {"a": dict(lr=0.03)})
+    monkeypatch.setenv("BAFFLE_ACC_RUNS", "a")
+    monkeypatch.setenv("BAFFLE_ACC_EPOCHS", "1")
+    monkeypatch.setattr(accuracy, "CARRY_LIMIT_MB", 0)  # nothing carried: only runs/
+    accuracy.main()
+    run = tmp_path / "runs" / "a"
+    logged = len(RunDir(run).metrics())
+    (run / "checkpoint.pt").unlink()  # as if killed before its first checkpoint
+    monkeypatch.setenv("BAFFLE_ACC_EPOCHS", "2")
+    accuracy.main()
+    assert f"; resumed at round 0, retraining {logged} logged round(s) at " in \
+        (tmp_path / "runs" / "a.machine").read_text()
+    scratch = train(accuracy.config("a", 2), run_dir=tmp_path / "scratch")
+    assert [r["train_loss"] for r in RunDir(run).metrics()] == \
+        [r["train_loss"] for r in scratch.metrics]
 
 
 def test_accuracy_does_not_carry_a_run_over_the_size_limit(accuracy, tmp_path, monkeypatch,
