@@ -62,8 +62,10 @@ def test_app_config_lists_every_train_config_field_and_parses():
     assert cycled.layer_cycle == (0, 1, 1, 2)
     per_round, _ = config_from_run_config({**cfg, "ema-every": "round"})
     assert per_round.ema_every == "round"
-    with pytest.raises(ConfigError, match="baffle train"):  # no basis download on Flower yet
-        config_from_run_config({**cfg, "guide-dims": 50})
+    guided, _ = config_from_run_config({**cfg, "guide-dims": 50})  # sent by the strategy
+    assert guided.guide_dims == 50
+    with pytest.raises(ConfigError, match="--guide-history 100 holds too few"):
+        config_from_run_config({**cfg, "guide-dims": 101})
 
 
 # -- helpers ---------------------------------------------------------------------------

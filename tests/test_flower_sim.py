@@ -44,8 +44,12 @@ def _model(run_dir):
      "seed-sharing": "client", "client-optimizer": "keep"},
     {"clients": 2, "rounds": 3, "method": "bp-fedavg", "local-steps": 2,
      "client-optimizer": "keep"},
+    # server-guided directions: the server's gradients pick a basis on rounds 2 and 4, which
+    # it sends to each node once; the nodes draw every direction in it
+    {"clients": 2, "K": 4, "rounds": 6, "guide-dims": 2, "guide-history": 3,
+     "guide-refresh": 2, "guide-images": 64, "seed-sharing": "client"},
 ], ids=["fedsgd-round-seed", "epoch-client-seed-k-schedule", "layer-directions",
-        "epoch-keep", "bp-fedavg-keep"])
+        "epoch-keep", "bp-fedavg-keep", "guided"])
 def test_flower_simulation_equals_in_process_simulator(tmp_path, overrides):
     rows = _simulate(tmp_path / "flower", overrides["clients"], overrides)
     # Ray runs each virtual client with one intra-op thread; float sums over a different
@@ -59,6 +63,12 @@ def test_flower_simulation_equals_in_process_simulator(tmp_path, overrides):
         torch.set_num_threads(threads)
     assert [r["accepted"] for r in rows] == [overrides["clients"]] * overrides["rounds"]
     assert [r.get("K") for r in rows] == [r.get("K") for r in ref.metrics]
+    # the same bytes, the basis included: exactly what each message carried
+    assert [r["bytes_down_per_client"] for r in rows] == \
+        [r["bytes_down_per_client"] for r in ref.metrics]
+    if "guide-dims" in overrides:
+        plain = rows[0]["bytes_down_per_client"]
+        assert [i for i, r in enumerate(rows) if r["bytes_down_per_client"] > plain] == [2, 4]
     a, b = _model(tmp_path / "flower"), _model(tmp_path / "ref")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
@@ -88,6 +98,60 @@ def test_kept_optimizers_survive_a_restarted_node_and_a_false_claim(tmp_path):
     assert why["client"] == 2 and "cannot replay" in why["reason"], why
     assert "does not hold (restarted?)" in r.stdout + r.stderr
     assert _steps(tmp_path) == {0: 6, 1: 4, 2: 4}
+
+
+GUIDED = {"clients": 2, "K": 4, "guide-dims": 2, "guide-history": 3, "guide-refresh": 3,
+          "guide-images": 64, "seed-sharing": "client", "min-clients": 1}
+
+
+def _basis_bytes(overrides):
+    from baffle.simulator import setup
+
+    fed = setup(from_dict({k.replace("-", "_"): v for k, v in overrides.items()}))
+    return 4 * fed.n_params * overrides["guide-dims"], 4 * fed.n_params + 8
+
+
+def test_a_node_that_lost_the_basis_is_refused_once_and_sent_it_again(tmp_path):
+    """Rounds 0-5, one basis (round 3). Node 1 loses it before round 4: its reply is an
+    error naming the basis, the round goes on with node 0, and round 5 sends the basis to
+    node 1 alone (the mean download over the two senders is half a basis above plain)."""
+    overrides = {**GUIDED, "rounds": 6}
+    args = [sys.executable, str(SIM), str(tmp_path), "2", json.dumps(overrides), "guide-faults"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["accepted"] for x in rows] == [2, 2, 2, 2, 1, 2]
+    (why,) = rows[4]["rejections"]
+    assert why["client"] == "client 1" and "does not hold the server's basis" in why["reason"]
+    basis, plain = _basis_bytes(overrides)
+    assert [x["bytes_down_per_client"] for x in rows] == \
+        [plain, plain, plain, plain + basis, plain, plain + basis // 2]
+
+
+def test_a_resumed_flower_server_resends_the_basis_and_trains_on(tmp_path):
+    """A server stopped after round 3 (its basis sent) and resumed by a new Flower run: new
+    nodes hold nothing, so round 4 sends the basis to both; the model is the
+    uninterrupted in-process run's."""
+    for rounds, resume in ((4, False), (6, True)):
+        overrides = {**GUIDED, "rounds": rounds, "resume": resume}
+        _simulate(tmp_path / "flower", 2, overrides)
+    rows = [json.loads(x) for x in (tmp_path / "flower" / "metrics.jsonl").read_text()
+            .splitlines()]
+    basis, plain = _basis_bytes(GUIDED)
+    assert [x["round"] for x in rows] == list(range(6))
+    assert [x["bytes_down_per_client"] for x in rows] == \
+        [plain, plain, plain, plain + basis, plain + basis, plain]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = from_dict({k.replace("-", "_"): v for k, v in GUIDED.items()}).replace(rounds=6)
+        ref = train(cfg, run_dir=tmp_path / "ref")
+    finally:
+        torch.set_num_threads(threads)
+    a, b = _model(tmp_path / "flower"), _model(tmp_path / "ref")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
+    assert rows[-1]["test_top1"] == pytest.approx(ref.metrics[-1]["test_top1"])
 
 
 def test_kept_states_round_trip_and_the_start_is_the_one_the_server_names():

@@ -185,10 +185,16 @@ def test_more_server_images_than_the_split_holds_is_refused():
     assert "\n" not in str(e.value)
 
 
-def test_the_flower_apps_refuse_guided_directions():
-    with pytest.raises(ConfigError, match="baffle train"):
-        config_from_run_config({"guide-dims": 5, "rounds": 1})
-    config_from_run_config({"rounds": 1})  # and the default still passes
+def test_the_flower_apps_take_guided_directions_but_secure_aggregation_refuses_them():
+    from baffle.flower.secagg import check_secagg_config
+
+    cfg, _ = config_from_run_config({"dataset": "digits", "guide-dims": 3, "guide-history": 5,
+                                     "guide-images": 100, "rounds": 1})
+    assert cfg.guide_dims == 3  # the plain apps send the basis (tests/test_flower_sim.py)
+    with pytest.raises(ConfigError, match="set guide-dims to 0") as e:
+        check_secagg_config(setup(cfg))
+    assert "\n" not in str(e.value)
+    check_secagg_config(setup(cfg.replace(guide_dims=0)))  # and without it, it passes
 
 
 def test_a_guided_run_counts_the_basis_downloads(tmp_path):
@@ -205,3 +211,17 @@ def test_a_guided_run_counts_the_basis_downloads(tmp_path):
     assert down[:5] == [plain] * 5
     assert [r for r, b in enumerate(down) if b != plain] == [5, 10, 15, 20]
     assert all(down[r] == plain + 4 * d * 4 for r in (5, 10, 15, 20))
+
+
+def test_a_basis_crosses_the_wire_exactly_and_a_wrong_copy_is_refused_in_one_line():
+    from baffle.flower.wire import basis_record, record_basis
+
+    basis = Basis(_orthonormal(sum(SIZES), 3), SIZES)
+    back = record_basis(basis_record(basis), SIZES, basis.digest)
+    assert back == basis and all(torch.equal(a, b) for a, b in zip(back.blocks, basis.blocks))
+    damaged = basis_record(Basis(torch.cat(basis.blocks) * (1 + 1e-7), SIZES))
+    for record, sizes in ((damaged, SIZES), (None, SIZES), (basis_record(basis), [54, 1])):
+        with pytest.raises(ConfigError, match=f"does not hold the server's basis {basis.digest}"
+                           ) as e:
+            record_basis(record, sizes, basis.digest)
+        assert "\n" not in str(e.value)

@@ -589,8 +589,8 @@ def round_record(fed: Federation, r: int, lr: float, sampled: list[int],
     n = max(1, len(accepted))
     down_up = [traffic(fed, u) for u in accepted]
     if fed.server.guide is not None and fed.dirs.basis is not None:
-        for c in sampled:  # every client sent the round's basis now holds it
-            fed.server.guide.held[c] = fed.dirs.basis.digest
+        for u in accepted:  # a client that answered holds the round's basis; one that
+            fed.server.guide.held[u.client] = fed.dirs.basis.digest  # failed is sent it again
     return {
         "round": r,
         "epoch": (r + 1) / fed.rounds_per_epoch,

@@ -1,14 +1,14 @@
 """Run one Flower simulation (Ray backend) of baffle's apps; used by tests/test_flower_sim.py.
 
     python tests/flower/sim_run.py RUN_DIR NUM_SUPERNODES JSON_OVERRIDES \
-        [faulty|secagg|secagg-dropout|keep-faults]
+        [faulty|secagg|secagg-dropout|keep-faults|guide-faults]
 
 With ``faulty``: client 1 raises, 2 uploads a short vector, 3 a NaN, 4 runs another
 direction-scheme version; the others behave. ``secagg`` runs the SecAgg+ apps; with
 ``secagg-dropout`` client 1 dies after the key exchange, mid-protocol. Every client's
 plaintext K-vector is appended to RUN_DIR/../plain.jsonl so tests can measure the
 aggregate's error (a test-only leak, of course). ``keep-faults`` (kept client
-optimizers): see ``keep_faults``.
+optimizers): see ``keep_faults``; ``guide-faults`` (--guide-dims): see ``guide_faults``.
 """
 
 import dataclasses
@@ -64,6 +64,25 @@ def keep_faults(overrides):
     return app
 
 
+def guide_faults(overrides):
+    """In round 4 node 1 has lost the basis it was sent (as a restarted node would)."""
+    from flwr.clientapp import ClientApp
+
+    from baffle.flower.client_app import BASIS_KEY
+
+    inner = make_client_app(overrides)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        node, r = int(context.node_config["partition-id"]), int(msg.content["config"]["round"])
+        if r == 4 and node == 1 and BASIS_KEY in context.state:
+            del context.state[BASIS_KEY]
+        return inner(msg, context)
+
+    return app
+
+
 def record_plain(run_dir: str, drop: bool):
     def tamper(client: int, u: Upload) -> Upload:
         if drop and client == 1:
@@ -89,9 +108,10 @@ def main() -> None:
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                        "init_args": {"num_cpus": 2, "include_dashboard": False}})
         return
-    if mode == "keep-faults":  # kept optimizers: node 1 restarts, node 2 claims a bogus state
+    if mode in ("keep-faults", "guide-faults"):  # nodes that lose what they kept
+        faults = keep_faults if mode == "keep-faults" else guide_faults
         run_simulation(server_app=make_server_app(overrides),
-                       client_app=keep_faults(overrides), num_supernodes=n,
+                       client_app=faults(overrides), num_supernodes=n,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                        "init_args": {"num_cpus": 2, "include_dashboard": False}})
         return

@@ -17,6 +17,10 @@ length, schedules, data folder and device), so another experiment never picks it
 In epoch mode the server names, by digest, the state it will replay the client's epoch
 from; the client starts from that one, or fresh if it no longer holds it, and says which
 in its upload, so the server always replays what the client ran.
+
+With ``--guide-dims`` the node keeps the latest basis U the server sent in
+``Context.state`` and draws every direction in it; a round that names a basis the node does
+not hold (a restarted node) gets an error reply, and the server sends it again next round.
 """
 
 from __future__ import annotations
@@ -25,24 +29,27 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from baffle.aggregate import Upload
 from baffle.branch import BRANCHABLE, MOVABLE
 from baffle.client import optimizer_digest
 from baffle.config import TrainConfig
-from baffle.directions import DirectionScheme
+from baffle.directions import Basis, DirectionScheme
 from baffle.errors import ConfigError
 from baffle.flower.wire import (
     check_round_spec,
     config_from_run_config,
     load_weights,
+    record_basis,
     record_states,
     states_record,
     upload_to_content,
@@ -131,6 +138,23 @@ def save_kept(context: Context, path: Path | None, kept: list[dict[str, Any]]) -
         atomic_write(path, lambda f: torch.save(kept, f))
 
 
+BASIS_KEY = "baffle-basis"
+
+
+def held_basis(msg: Message, context: Context, fed: Federation) -> Basis | None:
+    """The basis the round names (None: none yet): the one the message carries, which the
+    node then keeps in ``Context.state``, else the one it kept; ``ConfigError`` if it holds
+    another or none."""
+    rc = msg.content["config"]
+    if "basis-digest" not in rc:
+        return None
+    if "basis" in msg.content:
+        context.state[BASIS_KEY] = msg.content["basis"]
+    record = context.state.get(BASIS_KEY)
+    return record_basis(record if isinstance(record, ArrayRecord) else None,
+                        [math.prod(s) for s in fed.server.shapes], str(rc["basis-digest"]))
+
+
 def make_client_app(
     overrides: dict[str, Any] | None = None,
     tamper: Callable[[int, Upload], Upload] | None = None,
@@ -149,6 +173,7 @@ def make_client_app(
         fed = _federation(json.dumps(run_config, sort_keys=True))
         client = node_client(context.node_config, fed.config.clients)
         rc = msg.content["config"]
+        fed.dirs = replace(fed.dirs, basis=held_basis(msg, context, fed))
         (dirs or fed.dirs).check(str(rc["scheme-version"]), str(rc["fingerprint"]))
         check_round_spec(fed.spec_at(int(rc["round"])), rc)
         load_weights(fed.server.model, msg.content["arrays"])

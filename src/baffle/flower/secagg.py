@@ -62,6 +62,9 @@ def check_secagg_config(fed: Federation) -> None:
     if not (c.is_baffle and c.round_mode == "fedsgd" and c.seed_sharing == "round"):
         raise ConfigError("secure aggregation needs --method baffle --mode fedsgd "
                           "--seed-sharing round (the server may only learn the mean K-vector)")
+    if c.guide_dims:
+        raise ConfigError("secure aggregation does not send the --guide-dims basis to clients "
+                          "(the plain Flower apps do): set guide-dims to 0")
 
 
 @torch.no_grad()

@@ -5,6 +5,11 @@ each round, sends the weights with a ConfigRecord (seed, lr, K, sigma, scheme, s
 version and fingerprint; with kept client optimizers in epoch mode, the digest of the
 state it will replay each client from), turns the replies into ``Upload`` objects and
 hands them to ``simulator.finish_round``: the very function the in-process simulator uses.
+
+With ``--guide-dims`` it first takes the server's own gradient (``simulator.guide_round``)
+and sends the basis U to every node not known to hold the latest one: a node holds it once
+it has answered a round that named it; a node that failed, and every node after a server
+restart (a new Flower run, so new ``Context.state``), is sent it again.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ from flwr.serverapp.strategy import Strategy
 
 from baffle.aggregate import Upload
 from baffle.directions import derive_seed
-from baffle.flower.wire import content_to_upload, round_config, weights_record
+from baffle.flower.wire import basis_record, content_to_upload, round_config, weights_record
 from baffle.simulator import (
     Federation,
     RunLog,
     begin_round,
     finish_round,
+    guide_round,
     replay_base,
     round_seed,
 )
@@ -49,6 +55,7 @@ class BaffleStrategy(Strategy):
         self.min_available, self.wait_s = min_available, wait_s
         self._pending: dict[str, Any] = {}
         self._client_of: dict[int, int] = {}  # node id -> client index, learned from replies
+        self._holds: dict[int, str] = {}  # node id -> digest of the basis it holds (guide)
 
     def summary(self) -> None:
         c = self.fed.config
@@ -77,17 +84,25 @@ class BaffleStrategy(Strategy):
         r = self.first_round + server_round - 1
         started = time.perf_counter()
         lr = begin_round(fed, r)
+        guide_round(fed, r)
         nodes = self._sample(grid, r)
-        self._pending = {"round": r, "lr": lr, "nodes": nodes, "started": started}
         cfg = fed.config
         digests = ([replay_base(fed, c) for c in range(cfg.clients)]
                    if cfg.is_baffle and cfg.round_mode == "epoch"
                    and cfg.client_optimizer == "keep" else None)
-        content = RecordDict({"arrays": weights_record(fed.server.model),
-                              "config": round_config(r, round_seed(cfg, r), lr,
-                                                     fed.spec_at(r), fed.dirs, digests)})
-        messages = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN)
-                    for n in nodes]
+        records = {"arrays": weights_record(fed.server.model),
+                   "config": round_config(r, round_seed(cfg, r), lr, fed.spec_at(r), fed.dirs,
+                                          digests)}
+        basis = fed.dirs.basis
+        sent_basis = ([] if basis is None else
+                      [n for n in nodes if self._holds.get(n) != basis.digest])
+        plain = RecordDict(records)
+        with_basis = (RecordDict({**records, "basis": basis_record(basis)})
+                      if basis is not None and sent_basis else plain)
+        messages = [Message(content=with_basis if n in sent_basis else plain, dst_node_id=n,
+                            message_type=MessageType.TRAIN) for n in nodes]
+        self._pending = {"round": r, "lr": lr, "nodes": nodes, "started": started,
+                         "sent-basis": set(sent_basis)}
         self._pending["sent"] = messages  # Flower stamps their message ids when it pushes them
         return messages
 
@@ -100,6 +115,7 @@ class BaffleStrategy(Strategy):
         uploads: list[Upload] = []
         failures: list[dict[str, Any]] = []
         answered = set()
+        answered_by: list[tuple[int, int]] = []  # (node, client) of each parsed upload
         # A reply for a dead node comes from the SuperLink itself: map replies to the
         # node they answer through the message ids, not through their sender.
         dst = {m.metadata.message_id: m.metadata.dst_node_id for m in p.get("sent", [])}
@@ -118,8 +134,10 @@ class BaffleStrategy(Strategy):
                 continue
             self._client_of[node] = u.client
             uploads.append(u)
+            answered_by.append((node, u.client))
         for node in sorted(set(p["nodes"]) - answered):
             failures.append({"client": self._name(node), "reason": "no reply before the timeout"})
+        self._note_basis(p["nodes"], p["sent-basis"], answered_by)
         record = finish_round(self.fed, p["round"], p["lr"], p["nodes"], uploads, failures,
                               p["started"])
         self.metrics.append(record)
@@ -130,6 +148,23 @@ class BaffleStrategy(Strategy):
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))
                    and not isinstance(v, bool)}
         return weights_record(self.fed.server.model), MetricRecord(scalars)
+
+    def _note_basis(self, nodes: list[int], sent: set[int],
+                    answered_by: list[tuple[int, int]]) -> None:
+        """--guide-dims: the nodes that answered hold the round's basis; the others may
+        not (sent again next time). The traffic count (``GuideState.held``, by client)
+        charges the basis to exactly the clients whose message carried it."""
+        guide, basis = self.fed.server.guide, self.fed.dirs.basis
+        if guide is None or basis is None:
+            return
+        for n in nodes:
+            self._holds.pop(n, None)
+        for node, client in answered_by:
+            self._holds[node] = basis.digest
+            if node in sent:
+                guide.held.pop(client, None)
+            else:
+                guide.held[client] = basis.digest
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -3,7 +3,9 @@
 Server -> client (one ``train`` message): ArrayRecord ``arrays`` (the weights) and
 ConfigRecord ``config`` holding the round, the seed, the lr, the round's K (after the K
 schedule), sigma, the scheme and the direction scheme's version and fingerprint, and,
-with a kept client optimizer in epoch mode, each client's ``optim-digests`` entry.
+with a kept client optimizer in epoch mode, each client's ``optim-digests`` entry. With
+``--guide-dims`` the config also names the round's basis (``basis-digest``), and a node the
+server does not know to hold it gets ArrayRecord ``basis`` too (U, d x r float32).
 Client -> server: ArrayRecord ``upload`` (the K loss differences per local step, or the
 baselines' tensors) and MetricRecord ``metrics`` (client id, example count, seeds, loss,
 forward passes, the digest of the optimizer state its epoch started from).
@@ -21,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from baffle.aggregate import Upload
 from baffle.config import TrainConfig, from_dict
-from baffle.directions import DirectionScheme
+from baffle.directions import Basis, DirectionScheme
 from baffle.errors import ConfigError
 from baffle.estimator import EstimatorSpec
 
@@ -33,11 +35,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[TrainConfig, dic
     """Split a Flower run config into our TrainConfig and the Flower-only settings."""
     flower = {k: run_config.get(k, v) for k, v in FLOWER_KEYS.items()}
     values = {k.replace("-", "_"): v for k, v in run_config.items() if k not in FLOWER_KEYS}
-    config = from_dict(values)
-    if config.guide_dims:
-        raise ConfigError("guide-dims (server-guided directions) runs in `baffle train` only: "
-                          "the Flower apps do not send the basis to clients yet; set it to 0")
-    return config, flower
+    return from_dict(values), flower
 
 
 def round_config(round_: int, seed: int, lr: float, spec: EstimatorSpec,
@@ -53,7 +51,31 @@ def round_config(round_: int, seed: int, lr: float, spec: EstimatorSpec,
     }
     if optim_digests is not None:
         record["optim-digests"] = [int(d) for d in optim_digests]
+    if dirs.basis is not None:
+        record["basis-digest"] = dirs.basis.digest
     return ConfigRecord(record)
+
+
+def basis_record(basis: Basis) -> ArrayRecord:
+    """The basis U (d x r float32) as sent to a node that lacks it."""
+    return ArrayRecord({"U": Array(torch.cat(basis.blocks).numpy())})
+
+
+def record_basis(record: ArrayRecord | None, sizes: Sequence[int], digest: str) -> Basis:
+    """The basis held in ``record`` if it is the one named ``digest``, else ``ConfigError``
+    (a node that lost it, or a damaged copy: the server sends it again next round)."""
+    basis = None
+    if record is not None and "U" in record:
+        try:
+            basis = Basis(torch.from_numpy(np.array(record["U"].numpy(), dtype=np.float32)),
+                          sizes)
+        except ValueError:  # another shape: not this run's basis
+            basis = None
+    if basis is None or basis.digest != digest:
+        held = "none" if basis is None else basis.digest
+        raise ConfigError(f"this node does not hold the server's basis {digest} (it holds "
+                          f"{held}; restarted?): the server sends it again next round")
+    return basis
 
 
 def check_round_spec(mine: EstimatorSpec, sent: ConfigRecord | dict[str, Any]) -> None:
