@@ -380,12 +380,15 @@ class LocalFlower:
         return runs[0]
 
     def wait(self, run_id: int, timeout: float = 600.0) -> dict[str, Any]:
-        """Poll until the run is ``finished:*``; its final status."""
-        deadline = time.monotonic() + timeout
+        """Poll until the run is ``finished:*``; its final status. Each poll is a ``flwr``
+        process (about a CPU-second), so the pause grows from 1 s to 8 s: a long run's
+        poller takes little CPU from the nodes it is timing."""
+        deadline, pause = time.monotonic() + timeout, 1.0
         while not (st := self.status(run_id))["status"].startswith("finished"):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"run {run_id} still {st['status']} after {timeout:.0f}s")
-            time.sleep(2)
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic()) + 0.1))
+            pause = min(8.0, 1.5 * pause)
         return st
 
     def logs(self, run_id: int) -> str:
