@@ -225,3 +225,22 @@ def test_a_basis_crosses_the_wire_exactly_and_a_wrong_copy_is_refused_in_one_lin
                            ) as e:
             record_basis(record, sizes, basis.digest)
         assert "\n" not in str(e.value)
+
+
+def test_a_client_whose_upload_was_rejected_is_charged_the_basis_again(tmp_path):
+    """Client 1's upload in round 5 (the first basis) is non-finite, so rejected: the server
+    cannot tell it holds U, and round 6 sends (and charges) U to it alone."""
+    from dataclasses import replace as swap
+
+    def hook(r, u):
+        return swap(u, diffs=u.diffs * float("nan")) if (r, u.client) == (5, 1) else u
+
+    cfg = from_dict(dict(dataset="digits", clients=4, K=10, rounds=8, guide_dims=4,
+                         guide_history=6, guide_refresh=5, guide_images=100, lr=3e-2,
+                         ema=False, seed=1))
+    result = train(cfg, run_dir=tmp_path / "run", upload_hook=hook)
+    d = sum(p.numel() for p in result.model.parameters())
+    plain, basis = 4 * d + 8, 4 * d * 4
+    assert [m["accepted"] for m in result.metrics] == [4] * 5 + [3, 4, 4]
+    assert [m["bytes_down_per_client"] for m in result.metrics] == \
+        [plain] * 5 + [plain + basis, plain + basis / 4, plain]
