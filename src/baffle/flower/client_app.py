@@ -173,7 +173,8 @@ def make_client_app(
         fed = _federation(json.dumps(run_config, sort_keys=True))
         client = node_client(context.node_config, fed.config.clients)
         rc = msg.content["config"]
-        fed.dirs = replace(fed.dirs, basis=held_basis(msg, context, fed))
+        if (basis := held_basis(msg, context, fed)) != fed.dirs.basis:
+            fed.dirs = replace(fed.dirs, basis=basis)
         (dirs or fed.dirs).check(str(rc["scheme-version"]), str(rc["fingerprint"]))
         check_round_spec(fed.spec_at(int(rc["round"])), rc)
         load_weights(fed.server.model, msg.content["arrays"])
