@@ -88,6 +88,11 @@ class Server:
     def shapes(self) -> list[torch.Size]:
         return [p.shape for p in trainable_params(self.model).values()]
 
+    @property
+    def sizes(self) -> list[int]:
+        """Entries per trainable tensor: the row blocks of a ``--guide-dims`` basis."""
+        return [p.numel() for p in trainable_params(self.model).values()]
+
     def apply_gradient(self, grads: Sequence[torch.Tensor], clip: float | None) -> None:
         step_with_gradient(self.model, self.optimizer, grads, clip)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -191,8 +190,7 @@ def guide_round(fed: Federation, r: int) -> None:
         log.info("round %d: new basis of %d directions from %d server gradients", r,
                  cfg.guide_dims, len(guide.history))
     if new or (guide.basis is not None and fed.dirs.basis is None):  # or just resumed
-        fed.dirs = replace(fed.dirs, basis=guide.basis_for(
-            [math.prod(s) for s in fed.server.shapes]))
+        fed.dirs = replace(fed.dirs, basis=guide.basis_for(fed.server.sizes))
 
 
 def sample_clients(config: TrainConfig, round_: int) -> list[int]:

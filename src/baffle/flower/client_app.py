@@ -29,7 +29,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -152,7 +151,7 @@ def held_basis(msg: Message, context: Context, fed: Federation) -> Basis | None:
         context.state[BASIS_KEY] = msg.content["basis"]
     record = context.state.get(BASIS_KEY)
     return record_basis(record if isinstance(record, ArrayRecord) else None,
-                        [math.prod(s) for s in fed.server.shapes], str(rc["basis-digest"]))
+                        fed.server.sizes, str(rc["basis-digest"]))
 
 
 def make_client_app(
