@@ -34,6 +34,7 @@ def run_cli(*args, cwd=None):
     (["--client-optimizer", "keep"], "applies to local epochs"),
     (["--mode", "epoch", "--client-optimizer", "reuse"], "unknown client optimizer"),
     (["--sampler", "mersenne"], "unknown sampler"),
+    (["--optimizer", "adamax"], "unknown optimizer"),
 ])
 def test_bad_input_one_line_error(tmp_path, args, fragment):
     r = run_cli("train", *FAST, "--out", str(tmp_path / "run"), *args)

@@ -7,6 +7,8 @@ import gzip
 import hashlib
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -117,6 +119,18 @@ def test_digits_train_and_test_partition_the_original_images() -> None:
     train = {s for s in split[: len(bundle.train)]}
     test = {s for s in split[len(bundle.train) :]}
     assert not train & test
+
+
+def test_digits_are_read_as_scikit_learn_loads_them_without_importing_it() -> None:
+    raw = load_digits()
+    images, labels = digits_module.read_digits()
+    assert np.array_equal(images, raw.images) and np.array_equal(labels, raw.target)
+    # a fresh interpreter loads the set without importing scikit-learn (a second per process)
+    code = ("import sys; from baffle.data import load_dataset; b = load_dataset('digits'); "
+            "print(len(b.train) + len(b.test), 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split()
+    assert out == ["1797", "False"]
 
 
 def test_digits_test_set_is_fixed() -> None:

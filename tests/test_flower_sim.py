@@ -230,6 +230,24 @@ def test_faulty_clients_are_dropped_and_too_few_leave_the_model(tmp_path):
     assert all(torch.equal(init[k], kept[k]) for k in init)
 
 
+def test_a_clientapp_process_computes_its_upload_without_the_slow_imports():
+    """A deployed node starts a fresh ClientApp process for every message: its setup and
+    round must not import torch._dynamo (the server's optimizer, never stepped on a node),
+    scikit-learn (digits ship as a CSV file) or sympy (meta-device model building)."""
+    code = (
+        "import json, sys\n"
+        "from baffle.flower.client_app import _federation\n"
+        "from baffle.simulator import client_round\n"
+        "fed = _federation(json.dumps({'dataset': 'digits', 'clients': 2, 'K': 4}))\n"
+        "upload, _ = client_round(fed, 1, 0, 0.03, 7, None)\n"
+        "assert len(upload.diffs) == 4 and bool(upload.diffs.isfinite().all())\n"
+        "print(*[m for m in ('torch._dynamo', 'sklearn', 'sympy') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == []
+
+
 def test_a_node_without_a_valid_partition_id_gets_one_line_saying_so():
     from baffle.errors import ConfigError
     from baffle.flower.client_app import node_client

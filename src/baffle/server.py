@@ -7,6 +7,7 @@ it loads the example-weighted average of the clients' (replayed) models instead.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,15 @@ def make_optimizer(
     return OPTIMIZERS[name](params, lr, tuple(betas), momentum, weight_decay)
 
 
+def optimizer_factory(name: str, params: Iterable[nn.Parameter], *args: Any
+                      ) -> Callable[[], torch.optim.Optimizer]:
+    """``make_optimizer(name, params, *args)`` deferred: the name is checked now (the same
+    one-line error), the optimizer built on call."""
+    if name not in OPTIMIZERS:
+        make_optimizer(name, [], 0.0)
+    return functools.partial(make_optimizer, name, list(params), *args)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -77,12 +87,20 @@ class Server:
     """Global training state; everything in it is saved in a checkpoint."""
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    new_optimizer: Callable[[], torch.optim.Optimizer]  # see ``optimizer``
     ema: EMA | None = None
     # client -> its local optimizer's state after its last local epoch (--client-optimizer
     # keep): BAFFLE's as the server replayed it, bp-fedavg's as the client left it; else empty
     client_optim: dict[int, dict[str, Any]] = field(default_factory=dict)
     guide: GuideState | None = None  # --guide-dims: the gradients that pick the basis
+
+    @functools.cached_property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The stock optimizer over the model's trainable parameters, built on first use: a
+        Flower client node holds a Server only for the weights it is sent and never steps
+        it, and the first ``torch.optim`` constructor of a process imports
+        ``torch._dynamo`` (about a second, paid by every ClientApp process)."""
+        return self.new_optimizer()
 
     @property
     def shapes(self) -> list[torch.Size]:

@@ -53,7 +53,7 @@ from baffle.guide import GuideState, flat_gradient, public_batch
 from baffle.models import build_model
 from baffle.rundir import CONFIG, RunDir
 from baffle.schedule import k_at, lr_at
-from baffle.server import Server, make_optimizer, set_lr
+from baffle.server import Server, make_optimizer, optimizer_factory, set_lr
 
 UploadHook = Callable[[int, Upload], Upload]
 log = logging.getLogger("baffle")
@@ -119,8 +119,8 @@ def setup(
     if config.is_baffle:
         check_no_batchnorm(model)
     model = model.to(config.device)
-    optimizer = make_optimizer(config.optimizer, trainable_params(model).values(), config.lr,
-                               config.betas, config.momentum, config.weight_decay)
+    optimizer = optimizer_factory(config.optimizer, trainable_params(model).values(),
+                                  config.lr, config.betas, config.momentum, config.weight_decay)
     ema = EMA.of(model, config.ema_decay) if config.ema else None
     sizes = [len(c) for c in split.clients]
     if config.round_mode == "fedsgd":  # an epoch ends when the smallest client runs out

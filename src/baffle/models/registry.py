@@ -88,9 +88,10 @@ def build_model(
         return entry.factory(*sizes, **kwargs)
     if generator.device.type != "cpu":
         raise ConfigError(f"build_model needs a CPU generator, got one on {generator.device}")
-    with torch.device("meta"):  # allocate nothing and draw nothing from the global RNG
+    # built on the CPU (the meta device would import sympy, half a second in every Flower
+    # ClientApp process), its default draws thrown away with the global RNG state
+    with torch.random.fork_rng(devices=[]):
         model = entry.factory(*sizes, **kwargs)
-    model.to_empty(device="cpu")
     return init_parameters(model, generator)
 
 
