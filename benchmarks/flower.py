@@ -8,11 +8,15 @@ and final accuracy with and without SecAgg+ on the same seeds.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +77,63 @@ def secagg_accuracy(work: Path) -> list[list[str]]:
              f"= {1e-4 * 2 * clip / 2**22:.2e}"]]
 
 
+# one deployed message's work on a node, in a fresh interpreter as Flower's SuperNode runs
+# it: a new flwr-clientapp process per message (Flower 1.41), importing, setting up, training
+PROBE = """
+import json, sys, time
+t0 = time.perf_counter()
+import flwr.clientapp, torch
+t1 = time.perf_counter()
+from baffle.flower.client_app import _federation
+from baffle.simulator import client_round
+t2 = time.perf_counter()
+fed = _federation(sys.argv[1])
+t3 = time.perf_counter()
+client_round(fed, 0, 0, 0.03, 7, None)
+t4 = time.perf_counter()
+print(json.dumps([t1 - t0, t2 - t1, t3 - t2, t4 - t3]))
+"""
+MNIST = os.environ.get("BAFFLE_MNIST_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
+
+
+# the last commit whose nodes built the server's optimizer and imported scikit-learn and
+# sympy: its ClientApp start is measured beside this tree's
+BEFORE = os.environ.get("BAFFLE_START_BEFORE", "cbbaefb")
+
+
+def clientapp_start(src: Path, dataset: str, repeats: int = 5) -> list[float]:
+    """Median seconds of a fresh ClientApp process's phases, with baffle imported from
+    ``src``: torch and Flower imports, baffle's imports, setup (data, split, model), one
+    FedSGD round (K=20), and the whole process from spawn to exit (the interpreter's own
+    start and exit included)."""
+    rc = {"dataset": dataset, "clients": 2, "K": 20, **(
+        {"data-dir": MNIST} if dataset == "mnist" else {})}
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(rc, sort_keys=True)],
+                             capture_output=True, text=True, check=True, timeout=300, env=env)
+        runs.append([*json.loads(out.stdout), time.perf_counter() - start])
+    return [statistics.median(col) for col in zip(*runs)]
+
+
+def start_rows(work: Path) -> list[list[str]]:
+    """This tree's ClientApp start against ``BEFORE``'s, alternating, on digits and MNIST."""
+    archive = subprocess.run(["git", "archive", "--format=tar", BEFORE, "src"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(work / "before", filter="data")
+    rows = []
+    for name, dataset in (("digits", "digits"), ("MNIST", "mnist")):
+        for label, src in (("this tree", ROOT / "src"), (BEFORE, work / "before" / "src")):
+            rows.append([name, label, *(f"{t:.2f}" for t in clientapp_start(src, dataset))])
+    return rows
+
+
 def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        starts = start_rows(Path(tmp))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -107,6 +167,16 @@ def main() -> None:
         + "\n\nBAFFLE is worth deploying when the clients' compute, not Flower's fixed "
         "latency, fills the round: the compute share column shows how far K must grow "
         "(client compute scales with K+1 forward passes; the latency does not).\n\n"
+        "Part of that latency is ours: Flower 1.41 starts a new `flwr-clientapp` process "
+        "for every message, which imports, loads its data and builds the model before it "
+        "computes its upload. One such process's phases, seconds (median of 5, one process "
+        "at a time, 2 clients, K=20), for this tree and for commit " + BEFORE + ", whose "
+        "nodes also built the server's optimizer (the first `torch.optim` constructor "
+        "imports `torch._dynamo`), imported scikit-learn (digits are now read from their "
+        "CSV file) and sympy (models were built on the meta device):\n\n"
+        + table(["data set", "code", "import torch and Flower", "import baffle",
+                 "setup (data, split, model)", "one FedSGD round (cold)",
+                 "whole process, spawn to exit"], starts) + "\n\n"
         "Final accuracy with and without SecAgg+, same seeds (digits, 4 clients, K=50, "
         "24 rounds, lr 0.03):\n\n" + table(["aggregation", "test top-1 %", "quantization"], sec)
     )
