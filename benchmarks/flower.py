@@ -120,8 +120,12 @@ def clientapp_start(src: Path, dataset: str, repeats: int = 5) -> list[float]:
 
 def start_rows(work: Path) -> list[list[str]]:
     """This tree's ClientApp start against ``BEFORE``'s, alternating, on digits and MNIST."""
-    archive = subprocess.run(["git", "archive", "--format=tar", BEFORE, "src"], cwd=ROOT,
-                             capture_output=True, check=True).stdout
+    got = subprocess.run(["git", "archive", "--format=tar", BEFORE, "src"], cwd=ROOT,
+                         capture_output=True)
+    if got.returncode != 0:
+        sys.exit(f"flower: cannot read commit {BEFORE} from git (a shallow clone?): fetch "
+                 "the history or set BAFFLE_START_BEFORE to a commit this clone has")
+    archive = got.stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(work / "before", filter="data")
     rows = []
