@@ -51,17 +51,20 @@ def make_optimizer(
     weight_decay: float = 5e-4,
 ) -> torch.optim.Optimizer:
     """A stock torch optimizer by registry name (adam, adamw, sgd)."""
+    return _registered(name)(params, lr, tuple(betas), momentum, weight_decay)
+
+
+def _registered(name: str) -> OptimizerFactory:
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](params, lr, tuple(betas), momentum, weight_decay)
+    return OPTIMIZERS[name]
 
 
 def optimizer_factory(name: str, params: Iterable[nn.Parameter], *args: Any
                       ) -> Callable[[], torch.optim.Optimizer]:
     """``make_optimizer(name, params, *args)`` deferred: the name is checked now (the same
     one-line error), the optimizer built on call."""
-    if name not in OPTIMIZERS:
-        make_optimizer(name, [], 0.0)
+    _registered(name)
     return functools.partial(make_optimizer, name, list(params), *args)
 
 
