@@ -3,6 +3,7 @@ faulty clients are dropped with a logged reason; too few valid replies leave the
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,13 @@ SIM = Path(__file__).parent / "flower" / "sim_run.py"
 
 
 def _simulate(run_dir, n, overrides, faulty=False):
+    """A Flower simulation of ``n`` nodes, every process of it on one intra-op thread: Ray
+    gives each virtual client one, and the ServerApp's own float sums (the server's guide
+    gradient, the rebuild) round differently over a different thread split (on an AVX-512
+    Xeon, past the 1e-6 the equality tests allow), so the references use one thread too."""
     args = [sys.executable, str(SIM), str(run_dir), str(n), json.dumps(overrides)]
     r = subprocess.run(args + (["faulty"] if faulty else []), capture_output=True, text=True,
-                       timeout=400)
+                       timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run_dir / "summary.json").exists(), r.stderr[-3000:]
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
