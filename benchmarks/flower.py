@@ -119,7 +119,7 @@ def clientapp_start(src: Path, dataset: str, repeats: int = 5) -> list[float]:
 
 
 def start_rows(work: Path) -> list[list[str]]:
-    """This tree's ClientApp start against ``BEFORE``'s, alternating, on digits and MNIST."""
+    """This tree's ClientApp start, then ``BEFORE``'s, in one run, on digits and MNIST."""
     got = subprocess.run(["git", "archive", "--format=tar", BEFORE, "src"], cwd=ROOT,
                          capture_output=True)
     if got.returncode != 0:
