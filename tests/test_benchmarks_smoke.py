@@ -917,3 +917,15 @@ def test_span_reading_names_the_best_span_of_each_history():
     for c, past in ((0.7071, False), (0.7072, True)):
         span["rows"] = rows[:2] + [["round estimates", 100, c, 0.2, 0.25, 0.3]] + rows[4:]
         assert ("gets there" in span_reading(span)) is past
+
+
+def test_flower_start_rows_name_a_missing_comparison_commit_in_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("flwr")
+    from benchmarks import flower
+
+    monkeypatch.setattr(flower, "BEFORE", "0000000000000000000000000000000000000000")
+    with pytest.raises(SystemExit) as exit_:
+        flower.start_rows(tmp_path)
+    message = str(exit_.value)
+    assert "\n" not in message and "cannot read commit 0000000" in message
+    assert "BAFFLE_START_BEFORE" in message
