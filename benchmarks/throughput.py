@@ -15,14 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from baffle.directions import DirectionScheme, directions, layer_blocks
-from baffle.engines import max_pool_tiles, tiled_max_pool, to_channels_last
-from baffle.estimator import EstimatorSpec, choose_engine, loss_differences, trainable_params
+from baffle.engines import max_pool_tiles, steady_heap, tiled_max_pool, to_channels_last
+from baffle.estimator import (EstimatorSpec, choose_engine, float64_diffs, loss_differences,
+                              trainable_params)
 from benchmarks.common import ROOT, machine, table, write_section
 from benchmarks.engines_common import QUICK, THREADS, interleaved, make, setup_threads
 from benchmarks.flops import forward_flops, layer_direction_flops
 
 K = 10 if QUICK else 100
 LAYER_ROW = "BAFFLE auto, layer directions (`--perturb layer`)"
+DELTA_ROW = "BAFFLE delta (bfloat16 changes, `--engine delta`)"
 REPS = 1 if QUICK else 5
 SIGMA = 1e-4
 DIRS = DirectionScheme()
@@ -70,6 +72,7 @@ def measure(name: str, mm: torch.Tensor) -> tuple[list[list[object]], dict[str, 
         return lambda: loss_differences(model, F.cross_entropy, x, y, 7, spec, dirs, engine, chunk)
 
     auto = choose_engine(model, x, K, "auto")
+    delta = choose_engine(model, x, K, "delta")
     assert choose_engine(model, x, K, "auto", blocks=layered.blocks).reuse
     pools = pool_fns(model, x_cl, auto.chunk)
     fns = {
@@ -83,6 +86,7 @@ def measure(name: str, mm: torch.Tensor) -> tuple[list[list[object]], dict[str, 
         "BAFFLE batched, chunk 1": est("batched", 1),
         f"BAFFLE auto ({auto.engine}, chunk {auto.chunk})": est("auto"),
         LAYER_ROW: est("auto", dirs=layered),
+        f"{DELTA_ROW}, chunk {delta.chunk}": est("delta"),
         "directions only (K draws)": draw,
         # the generator's floor: the same K*n normals from one generator in one call
         "directions floor (one randn)": lambda: torch.randn(K * sum(
@@ -94,7 +98,10 @@ def measure(name: str, mm: torch.Tensor) -> tuple[list[list[object]], dict[str, 
     auto_key = next(k for k in times if k.startswith("BAFFLE auto"))
     plain_fast = min(("plain forward x K (NCHW)", "plain forward x K (channels-last input)"),
                      key=times.__getitem__)
+    delta_key = next(k for k in times if k.startswith(DELTA_ROW))
     pairs = sorted(paired_ratios(fns[plain_fast], fns[auto_key])) if name == "lenet" else []
+    delta_pairs = (sorted(paired_ratios(fns[plain_fast], fns[delta_key])) if name == "lenet"
+                   else [])
     passes = {k: (K if k.startswith("plain") else K + 1) for k in fns}  # naive: base + K
     plain_best = times[plain_fast] / K
     naive = times["naive load_state_dict loop"] / (K + 1)
@@ -110,6 +117,8 @@ def measure(name: str, mm: torch.Tensor) -> tuple[list[list[object]], dict[str, 
         rows.append([k, f"{t:.3f}", f"{1 / per:.0f}", f"{naive / per:.2f}x",
                      f"{plain_best / per:.2f}x", f"{run_flops[k] / t / 1e9:.0f}"])
     facts = {"pairs": pairs, "flops": flops, "auto": times[auto_key] / (K + 1), "naive": naive,
+             "delta": times[delta_key] / (K + 1), "delta_pairs": delta_pairs,
+             **rounding(model, x, y, spec),
              "layer": times[LAYER_ROW] / (K + 1), "layer_share": run_flops[LAYER_ROW] / (K + 1)
              / flops, "n_blocks": layered.n_blocks,
              "plain": plain_best,
@@ -123,6 +132,23 @@ def measure(name: str, mm: torch.Tensor) -> tuple[list[list[object]], dict[str, 
                 if k.startswith("peak")}}
     facts["peak"] = max(v for k, v in facts.items() if k.startswith("peak"))
     return rows, facts
+
+
+def rounding(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             spec: EstimatorSpec) -> dict[str, float]:
+    """Mean |d_k - d_k in float64| over the mean |d_k|, for the float32 auto engine and
+    the delta engine, on the benchmark's own batch and directions."""
+    ref = float64_diffs(model, F.cross_entropy, x, y, 7, spec, DIRS)
+    size = ref.abs().mean()
+    return {f"err_{e}": float((loss_differences(model, F.cross_entropy, x, y, 7, spec, DIRS, e)
+                               .diffs.double() - ref).abs().mean() / size)
+            for e in ("auto", "delta")}
+
+
+def amx() -> bool:
+    """Whether this CPU has AMX tiles (oneDNN's fast bfloat16 matmuls)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
 
 
 def cpu_kind(desc: str) -> str:
@@ -151,6 +177,12 @@ def targets_table() -> str:
         return verdict(min(r["plain"], med), 1.0,
                        f"{r['plain']:.2f}x (pairs: median {med:.2f}x, {lo:.2f}-{hi:.2f}x)")
 
+    def delta_cell(r: dict[str, Any]) -> str:
+        if "delta_naive" not in r:
+            return "-"
+        return (f"{r['delta_naive']:.2f}x, {r['delta_plain']:.2f}x ({r['delta_pairs'][1]:.2f}x)"
+                f"{'' if r['amx'] else ', no AMX'}")
+
     rows = []
     for f in sorted(RESULTS.glob("*.json")):
         r = json.loads(f.read_text())
@@ -162,10 +194,12 @@ def targets_table() -> str:
                      plain_cell(r),
                      f"{r['plain_bound']:.2f}x" if "plain_bound" in r else "-",
                      verdict(r["share"], 0.6, f"{r['share']:.0%} of {r['peak']:.0f} GFLOP/s"),
-                     f"{r['layer_naive']:.2f}x, {r['layer_plain']:.2f}x"])
+                     f"{r['layer_naive']:.2f}x, {r['layer_plain']:.2f}x",
+                     delta_cell(r)])
     return table(["CPU", "measured", "vs naive (>= 2.5x)", "naive bound at peak",
                   "vs K plain passes (>= 1.0x)", "plain bound", "share of fp32 peak (>= 60%)",
-                  "layer directions: vs naive, vs plain"], rows)
+                  "layer directions: vs naive, vs plain",
+                  "delta engine: vs naive, vs plain (median pair)"], rows)
 
 
 PROFILE_REPS = 1 if QUICK else 3
@@ -239,6 +273,7 @@ def peak_fns(mm: torch.Tensor) -> dict[str, Callable[[], object]]:
 
 def main() -> None:
     setup_threads()
+    heap = steady_heap()  # for every row alike: the delta engine sets it on first use anyway
     mm = torch.randn(2048, 2048)
     sections, verdicts, nchw, pool_text = [], [], 1.0, ""
     conv = conv_ms_per_pass()
@@ -266,7 +301,15 @@ def main() -> None:
             f"below it keep their unperturbed values, recorded once per step; a step then runs "
             f"{f['layer_share']:.0%} of the dense step's FLOPs (counted per layer) and takes "
             f"{f['layer'] / f['auto']:.0%} of its time: {f['naive'] / f['layer']:.2f}x the "
-            f"naive loop and {f['plain'] / f['layer']:.2f}x K plain passes per pass.")
+            f"naive loop and {f['plain'] / f['layer']:.2f}x K plain passes per pass.\n\n"
+            f"Delta engine (`--engine delta`; the paper's estimator, other rounding): a conv "
+            f"whose input is perturbed computes only its change from the unperturbed pass, in "
+            f"bfloat16 (this CPU {'has' if amx() else 'lacks'} AMX). A step takes "
+            f"{f['delta'] / f['auto']:.0%} of the auto step's time: "
+            f"{f['naive'] / f['delta']:.2f}x the naive loop, {f['plain'] / f['delta']:.2f}x "
+            f"K plain passes. Against the same K differences in float64, its mean error is "
+            f"{f['err_delta']:.2%} of the mean |d_k|, the float32 auto engine's "
+            f"{f['err_auto']:.2%}.")
         if name == "lenet":
             a, b = f["naive"] / f["auto"], f["plain"] / f["auto"]
             pairs = f["pairs"]
@@ -284,8 +327,13 @@ def main() -> None:
                     f"({f['pool: F.max_pool2d'] / f['pool: tiles']:.1f}x)"
                     + ("; that is what lifts auto above the plain bound. " if b > plain_bound
                        else ". "))
+            da, db, dpairs = f["naive"] / f["delta"], f["plain"] / f["delta"], f["delta_pairs"]
+            dmed = statistics.median(dpairs)
             if not QUICK:
                 save_targets({"machine": machine(), "threads": THREADS, "K": K, "naive": a,
+                              "amx": amx(), "delta_naive": da, "delta_plain": db,
+                              "delta_pairs": [min(dpairs), dmed, max(dpairs)],
+                              "delta_err": f["err_delta"], "auto_err": f["err_auto"],
                               "plain": b, "plain_bound": plain_bound, "share": share,
                               "plain_pairs": [min(pairs), med, max(pairs)],
                               "peak": peak, "bound": bound,
@@ -302,11 +350,21 @@ def main() -> None:
                 f"measured draw, would reach {plain_bound:.2f}x)",
                 f"- >= 60% of the float32 matmul peak: {'met' if share >= 0.6 else 'NOT met'} "
                 f"({share:.0%} of {peak:.0f} GFLOP/s)",
+                f"- with the delta engine (`--engine delta`, bfloat16 changes; this CPU "
+                f"{'has' if amx() else 'lacks'} AMX): {da:.2f}x the naive loop "
+                f"({'met' if da >= 2.5 else 'NOT met'}), {db:.2f}x K plain passes best of "
+                f"{REPS} and {dmed:.2f}x the median of {len(dpairs)} pairs, from "
+                f"{min(dpairs):.2f}x to {max(dpairs):.2f}x "
+                f"({'met' if min(db, dmed) >= 1.0 else 'NOT met'}); its loss differences are "
+                f"off float64 by {f['err_delta']:.2%} of their mean size in the mean, float32 "
+                f"auto's by {f['err_auto']:.2%}",
                 f"- with layer directions instead (not the paper's estimator): "
                 f"{f['naive'] / f['layer']:.2f}x the naive loop, "
                 f"{f['plain'] / f['layer']:.2f}x K plain passes"]
     body = (f"{THREADS} thread(s) (`BAFFLE_BENCH_THREADS`); best of {REPS} interleaved "
-            "repetitions (the machine is shared, noise only adds time). A step is K+1 passes "
+            "repetitions (the machine is shared, noise only adds time); glibc keeps freed "
+            "blocks of up to 32 MiB mapped for every row (`baffle.engines.steady_heap`: "
+            f"{'set' if heap else 'not available here'}). A step is K+1 passes "
             "(forward scheme), as is the naive loop's; `plain` counts K passes. `vs` columns "
             "are per-pass speed ratios (higher is better). The naive loop rebuilds and loads "
             "a perturbed state dict per direction, as the authors' code does.\n\n"

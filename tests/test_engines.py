@@ -100,7 +100,7 @@ def test_unknown_ops_fall_back_and_stay_exact():
     x, y = torch.rand(4, 1, 6, 6), torch.randint(0, 3, (4,))
     spec = EstimatorSpec(5, 1e-2)
     ref = loss_differences(model, F.cross_entropy, x, y, 1, spec, DIRS, "sequential")
-    for engine in ("batched", "auto"):
+    for engine in ("batched", "delta", "auto"):
         est = loss_differences(model, F.cross_entropy, x, y, 1, spec, DIRS, engine)
         assert torch.allclose(est.diffs, ref.diffs, atol=2e-6, rtol=0)
 

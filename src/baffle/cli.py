@@ -54,11 +54,14 @@ HELP = {
                    "0,1,...,L-1: equal shares)",
     "sampler": "how directions are drawn: torch (a generator per direction and tensor) | "
                "counter (a hash of the entry's index: one batch per tensor, for GPUs)",
-    "engine": "batched (K perturbed models as one grouped pass) | sequential (one functional "
-              "copy at a time) | inplace (perturb the weights in place, exact restore: inference "
-              "memory) | vmap | auto (batched if it fits --max-memory, else inplace)",
+    "engine": "batched (K perturbed models as one grouped pass) | delta (batched, each "
+              "perturbed conv computing only its O(sigma) change from the unperturbed pass, in "
+              "bfloat16: faster on CPUs with AMX; each loss difference keeps about 8 bits of its "
+              "own size) | sequential (one functional copy at a time) | inplace (perturb the "
+              "weights in place, exact restore: inference memory) | vmap | auto (batched if it "
+              "fits --max-memory, else inplace)",
     "chunk": "perturbed models per batched forward pass (batched, vmap; auto takes at most 2 "
-             "on a CPU and as many as fit --max-memory on a GPU)",
+             "and delta at most 4 on a CPU, and as many as fit --max-memory on a GPU)",
     "max_memory": "memory budget for the estimator's scratch, e.g. 512MiB or 2GiB "
                   "(auto = a quarter of the free memory); chunks K to fit",
     "guide_dims": "r > 0: the server backprops on its own labelled held-out images each round "

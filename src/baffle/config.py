@@ -61,7 +61,7 @@ class TrainConfig:
     perturb: str = "all"  # all: each direction moves every weight | layer: only layer k mod L
     layer_cycle: tuple[int, ...] = ()  # layer: direction k moves layer c[k mod len(c)]
     sampler: str = "torch"  # how directions are drawn: torch generators | counter (GPU)
-    engine: str = "auto"  # auto | batched | inplace | sequential | vmap
+    engine: str = "auto"  # auto | batched | delta | inplace | sequential | vmap
     chunk: int = 32  # perturbed models per batched pass
     max_memory: str = "auto"  # estimator scratch budget, e.g. 512MiB, 2GiB (auto = 1/4 of free)
     # server-guided directions (baffle.guide): the server's backprop on held-out images

@@ -29,6 +29,8 @@ numbers up to float32 rounding; they differ in speed and memory.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import operator
 import os
@@ -303,7 +305,8 @@ class _Stacked:
     def to_stacked(self, h: torch.Tensor) -> torch.Tensor:
         return h.repeat(1, self.Kc, *([1] * (h.dim() - 2)))
 
-    def conv(self, m: nn.Conv2d, h: torch.Tensor, st: bool) -> tuple[torch.Tensor, bool]:
+    def conv(self, m: nn.Conv2d, h: torch.Tensor, st: bool,
+             node: fx.Node | None = None) -> tuple[torch.Tensor, bool]:
         w, wp = self.param(m.weight)
         b, bp = self.param(m.bias)
         if not (st or wp or bp):
@@ -384,7 +387,7 @@ class _Stacked:
                 m = modules[node.target]
                 h, st = env[node.args[0]]
                 if isinstance(m, nn.Conv2d):
-                    env[node] = self.conv(m, h, st)
+                    env[node] = self.conv(m, h, st, node)
                 elif isinstance(m, nn.Linear):
                     env[node] = self.linear(m, h, st)
                 elif isinstance(m, nn.GroupNorm):
@@ -477,6 +480,166 @@ def grouped_losses(
         perturbed = {id(p): _shifted(p, draw(ks, i, p.shape, p.device), step)
                      for i, p in enumerate(tensors) if i in moved}
         logits, stacked = _Stacked(plan_, perturbed, len(ks), cl, base=base).run(xx)
+        if not stacked:
+            raise Unsupported("the output does not depend on any perturbed parameter")
+        out[list(ks)] = per_k_losses(loss_fn, logits.unflatten(1, (len(ks), -1)), y)
+    return out
+
+
+# --------------------------------------------------------------------------- delta
+# Perturbations per delta pass on a CPU under `auto` and `delta`: measured best at 4-8 for
+# LeNet on a CPU with AMX (BENCHMARKS.md, section throughput).
+DELTA_CHUNK_CAP = 4
+# Convs with fewer multiply-adds per output than this (1x1 shortcuts) run in float32: the
+# casts and adds around a bfloat16 change would cost more than they save.
+DELTA_MIN_FAN_IN = 400
+
+
+class _Delta(_Stacked):
+    """Run one chunk of Kc perturbed models as their changes from the unperturbed pass.
+
+    A conv whose input is perturbed computes, for each k, with a = W * h + b the
+    unperturbed pass's output (recorded once per estimate), D_k = h_k - h its input's
+    change and s e_k, s e'_k the weight's and bias's steps:
+
+        (W + s e_k) * h_k + b + s e'_k = a + [W * D_k + s e_k * h_k + s e'_k]
+
+    The bracket, the O(sigma) change, runs as one grouped conv in ``dtype`` (bfloat16:
+    about 7x float32's speed on a CPU with AMX) over the input channels [D_k, h_k] and the
+    weights [W, s e_k]; ``a`` is added in float32. bfloat16's relative rounding (2^-9)
+    thus falls on the change, not on the activation, so a loss difference keeps about 8
+    significant bits of its own size, on top of the float32 rounding every engine has
+    (at sigma = 1e-4 the two are of one size; tests/test_delta_engine.py measures both
+    against float64). Everything else (activations, pooling, GroupNorm, adds, linears,
+    the loss, and convs on the shared input, which run as in ``_Stacked``) is float32.
+    """
+
+    def __init__(self, plan_: GroupedPlan, perturbed: dict[int, torch.Tensor],
+                 steps: dict[int, torch.Tensor], Kc: int, channels_last: bool,
+                 base: dict[fx.Node, Any], shared: dict[fx.Node, torch.Tensor],
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__(plan_, perturbed, Kc, channels_last, base=base)
+        self.steps, self.dtype = steps, dtype  # id(param) -> (Kc, *shape): s e_k
+        self.changes: dict[fx.Node, torch.Tensor] = {}  # input node -> D_k in dtype
+        self.shared = shared  # input node -> its unperturbed value in dtype (per estimate)
+
+    def conv(self, m: nn.Conv2d, h: torch.Tensor, st: bool,
+             node: fx.Node | None = None) -> tuple[torch.Tensor, bool]:
+        if (not st or m.groups != 1 or node is None or self.base is None
+                or m.in_channels * m.weight[0, 0].numel() < DELTA_MIN_FAN_IN):
+            return super().conv(m, h, st, node)  # float32, as grouped
+        Kc, dt = self.Kc, self.dtype
+        src = node.args[0]
+        hb, a = self.base[src], self.base[node]
+        change_in = self.changes.get(src)  # D_k, shared by the convs reading one input
+        if change_in is None:
+            change_in = (h.unflatten(1, (Kc, -1)) - hb.unsqueeze(1)).flatten(1, 2).to(dt)
+            self.changes[src] = change_in
+        sw = self.steps.get(id(m.weight))
+        sb = self.steps.get(id(m.bias)) if m.bias is not None else None
+        w = m.weight if sw is None else self.perturbed[id(m.weight)]
+        w_dt = self._cl(self.spread(w, sw is not None).to(dt))  # W + s e_k, k < Kc
+        if sw is None and sb is None:
+            change = F.conv2d(change_in, w_dt, None, m.stride, m.padding, m.dilation, Kc)
+        else:  # s e_k * h + s e'_k (h is shared by all k: one dense conv), + (W + s e_k) * D_k
+            h_dt = self.shared.get(src)
+            if h_dt is None:
+                h_dt = self.shared[src] = hb.to(dt)
+            step_w = (torch.zeros_like(m.weight).expand(Kc, *m.weight.shape) if sw is None
+                      else sw).flatten(0, 1)
+            bias = None if sb is None else sb.flatten().to(dt)
+            change = F.conv2d(h_dt, self._cl(step_w.to(dt)), bias, m.stride, m.padding,
+                              m.dilation)
+            conv_add_(change, change_in, w_dt, m, Kc)
+        out = change.to(a.dtype)
+        out.unflatten(1, (Kc, -1)).add_(a.unsqueeze(1))
+        return out, True
+
+    def _cl(self, w: torch.Tensor) -> torch.Tensor:
+        return w.contiguous(memory_format=torch.channels_last) if self.channels_last else w
+
+
+_HEAP = {"set": False}
+# glibc's mallopt parameters and the values ``steady_heap`` sets
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+HEAP_MMAP_BYTES, HEAP_TRIM_BYTES = 32 << 20, 64 << 20
+
+
+def steady_heap() -> bool:
+    """Keep freed blocks of up to 32 MiB on glibc's heap instead of unmapping them.
+
+    A delta (or grouped) chunk allocates and frees the same few multi-MiB activations each
+    pass. glibc serves blocks above its mmap threshold with a fresh ``mmap`` and returns
+    them on ``free``, so every chunk faults its pages in again; its threshold adapts
+    upwards only after such a free, and on this project's 2-core VMs a LeNet delta step
+    then ran at 0.24-0.42 s instead of 0.21 s from process to process (BENCHMARKS.md,
+    section throughput). This sets ``M_MMAP_THRESHOLD`` to 32 MiB (glibc's upper limit
+    for it) and ``M_TRIM_THRESHOLD`` to 64 MiB, once per process: up to 64 MiB of freed
+    memory may stay mapped. Returns whether glibc took both (False on other C libraries).
+    """
+    if _HEAP["set"]:
+        return True
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        mallopt = None
+    if mallopt is None:
+        return False
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_BYTES))
+    _HEAP["set"] = ok
+    log.debug("glibc mallopt: mmap threshold %d, trim threshold %d: %s", HEAP_MMAP_BYTES,
+              HEAP_TRIM_BYTES, "set" if ok else "refused")
+    return ok
+
+
+def conv_add_(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, m: nn.Conv2d,
+              groups: int) -> None:
+    """out += conv2d(x, w) with ``m``'s geometry: on a CPU one oneDNN convolution with an
+    add post-op (no second pass over ``out``), elsewhere a conv and an add."""
+    if out.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        with suppress(RuntimeError):  # a layout or build oneDNN's fused op refuses
+            torch.ops.mkldnn._convolution_pointwise_.binary(
+                out, x, w, None, list(_pair(m.padding)), list(_pair(m.stride)),
+                list(_pair(m.dilation)), groups, "add", 1.0, None, [], None)
+            return
+    out.add_(F.conv2d(x, w, None, m.stride, m.padding, m.dilation, groups))
+
+
+def delta_losses(
+    plan_: GroupedPlan,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    draw: Draw,
+    K: int,
+    step: float,
+    chunk: int,
+    blocks: tuple[int, ...] = (),
+    cycle: tuple[int, ...] = (),
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """L(W + step * eps_k) for k < K as ``grouped_losses``, each perturbed conv computing
+    only its change from one unperturbed pass, in ``dtype`` (``_Delta``). The unperturbed
+    pass is recorded once per estimate (one pass's activations at batch size)."""
+    if x.device.type == "cpu":
+        steady_heap()
+    xx, cl = to_channels_last(x), prefer_channels_last(x)
+    base: dict[fx.Node, Any] = {}
+    _Stacked(plan_, {}, 1, cl, record=base).run(xx)
+    shared: dict[fx.Node, torch.Tensor] = {}
+    out = torch.empty(K)
+    tensors = list(params.values())
+    for ks, moved in block_chunks(K, chunk, blocks, len(tensors), cycle):
+        steps = {id(p): draw(ks, i, p.shape, p.device).mul_(step)
+                 for i, p in enumerate(tensors) if i in moved}
+        perturbed = {i: p.unsqueeze(0) + steps[i] for i, p in
+                     ((id(p), p) for p in tensors) if i in steps}
+        logits, stacked = _Delta(plan_, perturbed, steps, len(ks), cl, base, shared,
+                                  dtype).run(xx)
         if not stacked:
             raise Unsupported("the output does not depend on any perturbed parameter")
         out[list(ks)] = per_k_losses(loss_fn, logits.unflatten(1, (len(ks), -1)), y)

@@ -12,16 +12,23 @@ bit-identical after every call. Engines (``baffle.engines`` has the details):
   first layer, grouped convs, ``bmm`` linears), ``chunk`` at a time within the memory
   budget; models with ops the grouped path does not know fall back to ``vmap``. With
   layer directions it runs only the layers each direction's perturbation reaches.
+- ``delta``: ``batched``, except that a conv whose input is perturbed computes only its
+  change from one recorded unperturbed pass, O(sigma), in bfloat16 (about 7x float32's
+  speed on a CPU with AMX), and adds it to the unperturbed output in float32. Its loss
+  differences carry bfloat16's rounding relative to their own size (8 bits) on top of
+  float32's; at sigma = 1e-4 the two are of one size (measured against float64).
 - ``sequential``: one functional perturbed copy (``functional_call``) at a time.
 - ``inplace``: one perturbed model at a time written into the model's own weights, module
   by module, with an exact snapshot/restore: memory close to plain inference.
 - ``vmap``: ``torch.func.vmap`` over ``functional_call`` (any model).
 - ``auto``: ``batched`` if a chunk fits the budget, else ``inplace`` (logged).
-All draw identical directions and agree to float32 rounding.
+All draw identical directions and agree to float32 rounding (``delta``: to bfloat16
+rounding of each loss difference).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import weakref
 from collections.abc import Callable
@@ -37,10 +44,10 @@ from baffle.directions import DirectionCache, DirectionScheme
 from baffle.errors import ConfigError
 
 Scheme = Literal["forward", "central"]
-Engine = Literal["sequential", "batched", "inplace", "vmap", "auto"]
+Engine = Literal["sequential", "batched", "delta", "inplace", "vmap", "auto"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SCHEMES: tuple[str, ...] = ("forward", "central")
-ENGINES: tuple[str, ...] = ("sequential", "batched", "inplace", "vmap", "auto")
+ENGINES: tuple[str, ...] = ("sequential", "batched", "delta", "inplace", "vmap", "auto")
 log = logging.getLogger("baffle.estimator")
 
 
@@ -131,7 +138,7 @@ def _activation_bytes(model: nn.Module, plan: eng.GroupedPlan, x: torch.Tensor
 class EngineChoice:
     """What ``loss_differences`` will run: the engine, perturbations per pass, and why."""
 
-    engine: str  # grouped | vmap | sequential | inplace
+    engine: str  # grouped | delta | vmap | sequential | inplace
     chunk: int
     reason: str
     reuse: bool = False  # grouped, layer directions: keep the unperturbed pass's values
@@ -154,7 +161,14 @@ def choose_engine(
     params = trainable_params(model)
     budget = eng.resolve_budget(max_memory, x.device)
     pbytes = eng.param_bytes(params)
-    plan = grouped_plan(model) if engine in ("batched", "auto") else None
+    plan = grouped_plan(model) if engine in ("batched", "delta", "auto") else None
+    if engine == "delta" and plan is not None:
+        peak, total = _activation_bytes(model, plan, x)
+        per = 2 * eng.per_perturbation_bytes(peak, pbytes)  # + the bf16 input and change
+        cap = min(chunk, eng.DELTA_CHUNK_CAP) if x.device.type == "cpu" else chunk
+        n = eng.chunk_for(per, max(0, budget - total), K, cap)
+        return EngineChoice("delta", n, f"{n} perturbations per pass, {(per * n + total) / 2**20:.0f}"
+                            f" MiB of a {budget / 2**20:.0f} MiB budget, unperturbed pass kept")
     if engine in ("batched", "auto") and plan is not None:
         peak, total = _activation_bytes(model, plan, x)
         per = eng.per_perturbation_bytes(peak, pbytes)
@@ -167,7 +181,7 @@ def choose_engine(
             if reuse:
                 why += f"; {total / 2**20:.1f} MiB of unperturbed activations reused"
             return EngineChoice("grouped", n, why, reuse)
-    if engine in ("batched", "vmap") or (engine == "auto" and x.device.type != "cpu"
+    if engine in ("batched", "delta", "vmap") or (engine == "auto" and x.device.type != "cpu"
                                          and 2 * pbytes <= budget):
         n = eng.chunk_for(2 * pbytes + 2 * x.numel() * x.element_size() * 64, budget, K, chunk)
         why = "grouped path unsupported" if engine != "vmap" else "requested"
@@ -236,10 +250,13 @@ def loss_differences(
 
     def losses(sign: float) -> torch.Tensor:
         step = sign * spec.sigma
-        if choice.engine == "grouped":
+        if choice.engine in ("grouped", "delta"):
             plan = grouped_plan(model)
             assert plan is not None
             try:
+                if choice.engine == "delta":
+                    return eng.delta_losses(plan, loss_fn, x, y, params, draw, spec.K, step,
+                                            choice.chunk, dirs.blocks, dirs.cycle)
                 return eng.grouped_losses(plan, loss_fn, x, y, params, draw, spec.K, step,
                                           choice.chunk, dirs.blocks, choice.reuse, dirs.cycle)
             except eng.Unsupported as e:  # found only at run time (e.g. Linear on 3-D input)
@@ -262,3 +279,33 @@ def loss_differences(
         diffs = plus_minus[0] - plus_minus[1]
         loss = float(torch.cat(plus_minus).mean())
     return Estimate(diffs.float().cpu(), loss, spec.forward_passes)
+
+
+@torch.no_grad()
+def float64_diffs(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seed: int,
+    spec: EstimatorSpec,
+    dirs: DirectionScheme = DirectionScheme(),
+) -> torch.Tensor:
+    """The K loss differences in float64 along the same (float32-drawn) directions, one
+    perturbation at a time: the reference an engine's rounding is measured against."""
+    m64 = copy.deepcopy(model).double()
+    w = {n: p.detach() for n, p in m64.named_parameters()}
+    names = list(trainable_params(model))
+    draw = eng.drawer(dirs, seed)
+    x64 = x.double()
+
+    def loss(sign: float, k: int) -> torch.Tensor:
+        point = dict(w)
+        for i, n in enumerate(names):
+            eps = draw(range(k, k + 1), i, w[n].shape, w[n].device)[0]
+            point[n] = w[n] + sign * spec.sigma * eps.double()
+        return loss_fn(functional_call(m64, point, (x64,)), y)
+
+    base = loss_fn(m64(x64), y) if spec.scheme == "forward" else None
+    return torch.stack([loss(1.0, k) - (base if base is not None else loss(-1.0, k))
+                        for k in range(spec.K)]).cpu()
