@@ -62,6 +62,8 @@ RUNS: dict[str, dict[str, Any]] = {
     "baffle-fedsgd-client-k25": dict(mode="fedsgd", seed_sharing="client", K=25),
     # fedsgd-client plateaus near 90% from epoch 13 at a constant lr: decay it at half
     # and three quarters of the 20 epochs
+    # the same run on the delta engine (bfloat16 changes): does its rounding train alike?
+    "baffle-fedsgd-client-delta": dict(mode="fedsgd", seed_sharing="client", engine="delta"),
     "baffle-fedsgd-client-decay": dict(mode="fedsgd", seed_sharing="client",
                                        lr_milestones=(10, 15), lr_gamma=0.2),
     # every direction moves one layer (--perturb layer); the `passes` benchmark found it
@@ -127,6 +129,8 @@ WHY = {  # what each run asks, printed beside its command
     "baffle-epoch-client-keep": "epoch-level mode, client seeds, each client keeping its Adam "
                                 "state between rounds",
     "baffle-fedsgd-client-k25": "a quarter of the forward passes",
+    "baffle-fedsgd-client-delta": "the authors' code on the delta engine (--engine delta): "
+                                  "its bfloat16 changes against the float32 run above",
     "baffle-fedsgd-client-decay": "does an lr decay lift the constant-lr plateau?",
     "baffle-fedsgd-client-layer": "layer directions: each direction moves one of the 3 "
                                   "layers, so conv2's 96% of the weights stop carrying the "

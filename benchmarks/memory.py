@@ -23,7 +23,8 @@ K = 10 if QUICK else 100
 # moved by a fifth or more (WRN-10-2 inplace: 22.6-32.6 MiB over 5 runs, 2026-12-01)
 REPS = 1 if QUICK else 5
 LAYER = "BAFFLE batched (auto chunk), layer directions"
-MODES = ("BAFFLE batched (auto chunk)", LAYER, "BAFFLE batched, chunk 32", "BAFFLE inplace",
+DELTA = "BAFFLE delta (its chunk, 4 on a CPU)"
+MODES = ("BAFFLE batched (auto chunk)", LAYER, "BAFFLE batched, chunk 32", DELTA, "BAFFLE inplace",
          "BAFFLE sequential", "plain inference", "backprop",
          "backprop + activation checkpointing")
 
@@ -53,7 +54,7 @@ def make_step(name: str, mode: str, model: Any, K: int = K, device: str = "cpu"
     def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
         if mode.startswith("BAFFLE"):
             engine = {"BAFFLE inplace": "inplace", "BAFFLE sequential": "sequential",
-                      "BAFFLE batched, chunk 32": "batched"}.get(mode, "auto")
+                      "BAFFLE batched, chunk 32": "batched", DELTA: "delta"}.get(mode, "auto")
             loss_differences(model, F.cross_entropy, xb, yb, 3, spec, dirs, engine, 32)
         elif mode == "plain inference":
             with torch.no_grad():
@@ -137,7 +138,9 @@ def main() -> None:
             "after the same step has run once on 2 examples (so that code loaded on first use, "
             "which is not per-step memory, is in the baseline of every row). "
             "`auto` on a CPU runs 2 perturbations per grouped pass; `chunk 32` shows what a "
-            "wide batch costs; `layer directions` (`--perturb layer`) also keeps every "
+            "wide batch costs; `delta` (`--engine delta`) keeps one unperturbed pass's "
+            "activations too, and glibc keeps freed blocks of up to 32 MiB mapped "
+            "(`steady_heap`); `layer directions` (`--perturb layer`) also keeps every "
             "activation of one unperturbed pass, so layers below a perturbed one run once.\n\n" + "\n\n".join(sections)
             + "\n\nTarget: inplace within 1.2x of plain inference.\n\n" + "\n".join(verdicts))
     write_section("memory", "Memory: peak resident set of one client step", body)

@@ -52,8 +52,8 @@ def test_every_engine_matches_float64_on_the_gpu(name, perturb, tf32_on):
     spec = EstimatorSpec(12, 1e-3)
     ref = float64_diffs(model, x, y, 5, spec, dirs)
     before = [p.detach().clone() for p in model.parameters()]
-    for engine, chunk in [("sequential", 1), ("batched", 5), ("inplace", 1), ("vmap", 4),
-                          ("auto", 32)]:
+    for engine, chunk in [("sequential", 1), ("batched", 5), ("delta", 4), ("inplace", 1),
+                          ("vmap", 4), ("auto", 32)]:
         est = loss_differences(model, F.cross_entropy, x, y, 5, spec, dirs, engine, chunk)
         rel = float((est.diffs.double() - ref).norm() / ref.norm())
         # float32 rounding of a loss near 2.3 is ~1e-6 against d_k ~ 1e-3: rel ~ 1e-3.

@@ -1,7 +1,8 @@
 """Engines: evaluate L(W + sign * sigma * eps_k) for k < K, fast and within a memory budget.
 
 All engines draw the same directions (``baffle.directions``) and compute the same
-numbers up to float32 rounding; they differ in speed and memory.
+numbers up to float32 rounding (``delta``: up to bfloat16 rounding of each change); they
+differ in speed and memory.
 
 - ``grouped``: the K perturbed models run *side by side as one model*. The model is
   traced with ``torch.fx`` and interpreted with every activation laid out as
@@ -15,6 +16,11 @@ numbers up to float32 rounding; they differ in speed and memory.
   weights; the layers its perturbation does not reach take their values from one
   unperturbed pass recorded per estimate, so a direction on layer b runs only layer b
   and what comes after it (LeNet: 65% of the dense FLOPs; WRN-10-2: 51%).
+- ``delta``: ``grouped``, except that a conv whose input is perturbed (and whose fan-in
+  is at least ``DELTA_MIN_FAN_IN``) computes only its O(sigma) change from one unperturbed
+  pass recorded per estimate, in bfloat16, and adds it to that pass's float32 output
+  (``_Delta``): on a CPU with AMX, LeNet's step in 70% of grouped's time. bfloat16's
+  rounding then falls on the change, not on the activation.
 - ``vmap``: ``torch.func.vmap`` over ``functional_call``; works for any model.
 - ``inplace``: one perturbed model at a time, written *into the model's own parameters*
   module by module: a forward pre-hook snapshots a module's parameters into one scratch
@@ -502,16 +508,19 @@ class _Delta(_Stacked):
     unperturbed pass's output (recorded once per estimate), D_k = h_k - h its input's
     change and s e_k, s e'_k the weight's and bias's steps:
 
-        (W + s e_k) * h_k + b + s e'_k = a + [W * D_k + s e_k * h_k + s e'_k]
+        (W + s e_k) * h_k + b + s e'_k = a + [(W + s e_k) * D_k + s e_k * h + s e'_k]
 
-    The bracket, the O(sigma) change, runs as one grouped conv in ``dtype`` (bfloat16:
-    about 7x float32's speed on a CPU with AMX) over the input channels [D_k, h_k] and the
-    weights [W, s e_k]; ``a`` is added in float32. bfloat16's relative rounding (2^-9)
-    thus falls on the change, not on the activation, so a loss difference keeps about 8
-    significant bits of its own size, on top of the float32 rounding every engine has
-    (at sigma = 1e-4 the two are of one size; tests/test_delta_engine.py measures both
-    against float64). Everything else (activations, pooling, GroupNorm, adds, linears,
-    the loss, and convs on the shared input, which run as in ``_Stacked``) is float32.
+    The bracket, the O(sigma) change, runs in ``dtype`` (bfloat16: about 7x float32's speed
+    on a CPU with AMX) as two convs: one dense conv of the shared h with the Kc steps
+    stacked as output channels, and one grouped conv of the D_k with the W + s e_k added
+    into it (``conv_add_``); ``a`` is then added in float32. A fan-in below
+    ``DELTA_MIN_FAN_IN`` runs the float32 grouped conv instead. bfloat16's relative
+    rounding (2^-9) thus falls on the change, not on the activation: a loss difference
+    is off by about that fraction of the changes' size, on top of the float32 rounding
+    every engine has (measured against float64: BENCHMARKS.md, throughput, and
+    tests/test_delta_engine.py). Everything else (activations, pooling, GroupNorm, adds,
+    linears, the loss, and convs on the shared input, which run as in ``_Stacked``) is
+    float32.
     """
 
     def __init__(self, plan_: GroupedPlan, perturbed: dict[int, torch.Tensor],
@@ -571,9 +580,10 @@ def steady_heap() -> bool:
     A delta (or grouped) chunk allocates and frees the same few multi-MiB activations each
     pass. glibc serves blocks above its mmap threshold with a fresh ``mmap`` and returns
     them on ``free``, so every chunk faults its pages in again; its threshold adapts
-    upwards only after such a free, and on this project's 2-core VMs a LeNet delta step
-    then ran at 0.24-0.42 s instead of 0.21 s from process to process (BENCHMARKS.md,
-    section throughput). This sets ``M_MMAP_THRESHOLD`` to 32 MiB (glibc's upper limit
+    upwards only after such a free. On a 2-core Xeon a warm LeNet delta estimate (K=20,
+    chunk 4) faulted 28,000 pages in each time, and its K=100 step took 0.34-0.42 s
+    instead of 0.21 s in some processes (tests/test_delta_engine.py counts the faults).
+    This sets ``M_MMAP_THRESHOLD`` to 32 MiB (glibc's upper limit
     for it) and ``M_TRIM_THRESHOLD`` to 64 MiB, once per process: up to 64 MiB of freed
     memory may stay mapped. Returns whether glibc took both (False on other C libraries).
     """

@@ -15,8 +15,8 @@ bit-identical after every call. Engines (``baffle.engines`` has the details):
 - ``delta``: ``batched``, except that a conv whose input is perturbed computes only its
   change from one recorded unperturbed pass, O(sigma), in bfloat16 (about 7x float32's
   speed on a CPU with AMX), and adds it to the unperturbed output in float32. Its loss
-  differences carry bfloat16's rounding relative to their own size (8 bits) on top of
-  float32's; at sigma = 1e-4 the two are of one size (measured against float64).
+  differences carry bfloat16's rounding relative to the changes on top of float32's; at
+  sigma = 1e-4 on LeNet the two are of one size (measured against ``float64_diffs``).
 - ``sequential``: one functional perturbed copy (``functional_call``) at a time.
 - ``inplace``: one perturbed model at a time written into the model's own weights, module
   by module, with an exact snapshot/restore: memory close to plain inference.
