@@ -385,8 +385,10 @@ def main() -> None:
             f"The naive loop is slow mostly because it runs in NCHW, where K plain passes run "
             f"at {nchw:.2f}x their channels-last speed on this CPU (oneDNN's convolution and "
             "max-pooling are slower in NCHW); the peak-FLOP/s bound above is the most "
-            "any engine that runs every layer of every perturbed pass could reach. Layer "
-            "directions pass it by not running the layers below the perturbed one.")
+            "any engine that runs every layer of every perturbed pass in float32 could reach. "
+            "Layer directions pass it by not running the layers below the perturbed one; the "
+            "delta engine by running each conv's change, twice the conv's FLOPs, in bfloat16, "
+            "where this CPU has AMX.")
     write_section("throughput", "Throughput: perturbed forward passes per second", body)
 
 

@@ -72,7 +72,8 @@ def test_communication_section_goes_to_the_file_it_is_given(tmp_path, monkeypatc
     assert "| lenet | 26,730 | BAFFLE FedSGD | 106,928 | 416 |" in text
 
 
-@pytest.mark.parametrize("mode", ["plain inference", "BAFFLE inplace"])
+@pytest.mark.parametrize("mode", ["plain inference", "BAFFLE inplace",
+                                  "BAFFLE delta (its chunk, 4 on a CPU)"])
 def test_memory_child_reports_a_peak(mode, monkeypatch):
     from benchmarks import memory
 
@@ -173,6 +174,17 @@ def test_throughput_keeps_one_target_record_per_kind_of_cpu(tmp_path, monkeypatc
                              "plain_bound": 0.96, "plain_pairs": [0.97, 1.01, 1.05]})
     avx512 = sorted(throughput.targets_table().splitlines()[2:])[1]
     assert "| 1.04x (pairs: median 1.01x, 0.97-1.05x) met |" in avx512
+    assert avx512.endswith("| 2.00x, 1.50x | - |")  # recorded before the delta engine
+    delta = {"amx": True, "delta_naive": 2.72, "delta_plain": 1.44,
+             "delta_pairs": [1.37, 1.58, 1.62], "delta_err": 0.0095, "auto_err": 0.0099}
+    throughput.save_targets({**record("AMD EPYC (AVX512F)", "2026-12-02", 2.2, 1.04, 0.9),
+                             **delta})
+    avx512 = sorted(throughput.targets_table().splitlines()[2:])[1]
+    assert avx512.endswith("| 2.72x, 1.44x (1.58x) |")
+    throughput.save_targets({**record("AMD EPYC (AVX512F)", "2026-12-02", 2.2, 1.04, 0.9),
+                             **delta, "amx": False})
+    avx512 = sorted(throughput.targets_table().splitlines()[2:])[1]
+    assert avx512.endswith("| 2.72x, 1.44x (1.58x), no AMX |")
 
 
 def test_passes_to_target_is_the_first_evaluation_at_or_above_it():

@@ -465,6 +465,7 @@ def grouped_losses(
     blocks: tuple[int, ...] = (),
     reuse: bool = True,
     cycle: tuple[int, ...] = (),
+    delta: torch.dtype | None = None,
 ) -> torch.Tensor:
     """L(W + step * eps_k) for k < K, ``chunk`` perturbed models per grouped pass.
 
@@ -474,18 +475,34 @@ def grouped_losses(
     values come from one unperturbed pass recorded up front (it costs the sum of one
     pass's activations at batch size): a direction on layer b then runs only layer b and
     the layers after it.
+
+    With ``delta`` (a dtype: the delta engine) the unperturbed pass is always recorded and
+    each perturbed conv computes only its change from it, in that dtype (``_Delta``).
     """
+    if delta is not None and x.device.type == "cpu":
+        steady_heap()
     xx, cl = to_channels_last(x), prefer_channels_last(x)
     base: dict[fx.Node, Any] | None = None
-    if blocks and reuse:
+    if delta is not None or (blocks and reuse):
         base = {}
         _Stacked(plan_, {}, 1, cl, record=base).run(xx)
+    shared: dict[fx.Node, torch.Tensor] = {}  # delta: inputs cast once per estimate
     out = torch.empty(K)
     tensors = list(params.values())
     for ks, moved in block_chunks(K, chunk, blocks, len(tensors), cycle):
-        perturbed = {id(p): _shifted(p, draw(ks, i, p.shape, p.device), step)
+        runner: _Stacked
+        if delta is None:
+            perturbed = {id(p): _shifted(p, draw(ks, i, p.shape, p.device), step)
+                         for i, p in enumerate(tensors) if i in moved}
+            runner = _Stacked(plan_, perturbed, len(ks), cl, base=base)
+        else:  # the steps s e_k themselves, and W + s e_k for the float32 layers
+            steps = {id(p): draw(ks, i, p.shape, p.device).mul_(step)
                      for i, p in enumerate(tensors) if i in moved}
-        logits, stacked = _Stacked(plan_, perturbed, len(ks), cl, base=base).run(xx)
+            perturbed = {id(p): p.unsqueeze(0) + steps[id(p)] for p in tensors
+                         if id(p) in steps}
+            assert base is not None
+            runner = _Delta(plan_, perturbed, steps, len(ks), cl, base, shared, delta)
+        logits, stacked = runner.run(xx)
         if not stacked:
             raise Unsupported("the output does not depend on any perturbed parameter")
         out[list(ks)] = per_k_losses(loss_fn, logits.unflatten(1, (len(ks), -1)), y)
@@ -493,8 +510,8 @@ def grouped_losses(
 
 
 # --------------------------------------------------------------------------- delta
-# Perturbations per delta pass on a CPU under `auto` and `delta`: measured best at 4-8 for
-# LeNet on a CPU with AMX (BENCHMARKS.md, section throughput).
+# Perturbations per delta pass on a CPU: LeNet's step was fastest at 4-8 on a CPU with AMX
+# (and slower at 2 and 16); WRN-10-2's at 2-4.
 DELTA_CHUNK_CAP = 4
 # Convs with fewer multiply-adds per output than this (1x1 shortcuts) run in float32: the
 # casts and adds around a bfloat16 change would cost more than they save.
@@ -616,44 +633,6 @@ def conv_add_(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, m: nn.Conv2d,
                 list(_pair(m.dilation)), groups, "add", 1.0, None, [], None)
             return
     out.add_(F.conv2d(x, w, None, m.stride, m.padding, m.dilation, groups))
-
-
-def delta_losses(
-    plan_: GroupedPlan,
-    loss_fn: LossFn,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    params: dict[str, torch.Tensor],
-    draw: Draw,
-    K: int,
-    step: float,
-    chunk: int,
-    blocks: tuple[int, ...] = (),
-    cycle: tuple[int, ...] = (),
-    dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """L(W + step * eps_k) for k < K as ``grouped_losses``, each perturbed conv computing
-    only its change from one unperturbed pass, in ``dtype`` (``_Delta``). The unperturbed
-    pass is recorded once per estimate (one pass's activations at batch size)."""
-    if x.device.type == "cpu":
-        steady_heap()
-    xx, cl = to_channels_last(x), prefer_channels_last(x)
-    base: dict[fx.Node, Any] = {}
-    _Stacked(plan_, {}, 1, cl, record=base).run(xx)
-    shared: dict[fx.Node, torch.Tensor] = {}
-    out = torch.empty(K)
-    tensors = list(params.values())
-    for ks, moved in block_chunks(K, chunk, blocks, len(tensors), cycle):
-        steps = {id(p): draw(ks, i, p.shape, p.device).mul_(step)
-                 for i, p in enumerate(tensors) if i in moved}
-        perturbed = {i: p.unsqueeze(0) + steps[i] for i, p in
-                     ((id(p), p) for p in tensors) if i in steps}
-        logits, stacked = _Delta(plan_, perturbed, steps, len(ks), cl, base, shared,
-                                  dtype).run(xx)
-        if not stacked:
-            raise Unsupported("the output does not depend on any perturbed parameter")
-        out[list(ks)] = per_k_losses(loss_fn, logits.unflatten(1, (len(ks), -1)), y)
-    return out
 
 
 def _shifted(p: torch.Tensor, eps: torch.Tensor, step: float) -> torch.Tensor:

@@ -254,11 +254,9 @@ def loss_differences(
             plan = grouped_plan(model)
             assert plan is not None
             try:
-                if choice.engine == "delta":
-                    return eng.delta_losses(plan, loss_fn, x, y, params, draw, spec.K, step,
-                                            choice.chunk, dirs.blocks, dirs.cycle)
-                return eng.grouped_losses(plan, loss_fn, x, y, params, draw, spec.K, step,
-                                          choice.chunk, dirs.blocks, choice.reuse, dirs.cycle)
+                return eng.grouped_losses(
+                    plan, loss_fn, x, y, params, draw, spec.K, step, choice.chunk, dirs.blocks,
+                    choice.reuse, dirs.cycle, torch.bfloat16 if choice.engine == "delta" else None)
             except eng.Unsupported as e:  # found only at run time (e.g. Linear on 3-D input)
                 log.debug("grouped engine failed on %s (%s); using vmap", type(model).__name__, e)
                 return eng.vmap_losses(lambda pt: loss_at(pt, x_orig), params, draw, spec.K,
