@@ -96,9 +96,9 @@ print(json.dumps([t1 - t0, t2 - t1, t3 - t2, t4 - t3]))
 MNIST = os.environ.get("BAFFLE_MNIST_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
 
 
-# the last commit whose nodes built the server's optimizer and imported scikit-learn and
-# sympy: its ClientApp start is measured beside this tree's
-BEFORE = os.environ.get("BAFFLE_START_BEFORE", "cbbaefb")
+# the last commit whose nodes decoded, verified and resized all of MNIST in every process
+# (before the decoded-data cache): its ClientApp start is measured beside this tree's
+BEFORE = os.environ.get("BAFFLE_START_BEFORE", "b34633d")
 
 
 def clientapp_start(src: Path, dataset: str, repeats: int = 5) -> list[float]:
@@ -175,9 +175,10 @@ def main() -> None:
         "for every message, which imports, loads its data and builds the model before it "
         "computes its upload. One such process's phases, seconds (median of 5, one process "
         "at a time, 2 clients, K=20), for this tree and for commit " + BEFORE + ", whose "
-        "nodes also built the server's optimizer (the first `torch.optim` constructor "
-        "imports `torch._dynamo`), imported scikit-learn (digits are now read from their "
-        "CSV file) and sympy (models were built on the meta device):\n\n"
+        "nodes decoded, verified and resized all 70,000 MNIST images in every process; "
+        "this tree maps the arrays the first process decoded (`baffle.data.cache`, in "
+        "`~/.cache/baffle/decoded` unless `BAFFLE_DECODED_CACHE` says otherwise; the "
+        "first process on a machine writes them, and the median of 5 is a later one):\n\n"
         + table(["data set", "code", "import torch and Flower", "import baffle",
                  "setup (data, split, model)", "one FedSGD round (cold)",
                  "whole process, spawn to exit"], starts) + "\n\n"

@@ -203,6 +203,92 @@ def test_mnist_uncompressed_copy_loads_the_same(mnist_dir: Path, tmp_path: Path)
     assert torch.equal(plain.train.x, gz.train.x) and torch.equal(plain.test.y, gz.test.y)
 
 
+def _fresh_mnist(folder: Path, cache: object) -> object:
+    """MNIST from ``folder`` in this process as a new process would load it: the
+    in-process cache cleared, ``cache`` as the decoded-data cache folder (or "off")."""
+    os.environ["BAFFLE_DECODED_CACHE"] = str(cache)
+    mnist_module._load.cache_clear()
+    return load_dataset("mnist", folder)
+
+
+def _same(a: object, b: object) -> bool:
+    return all(torch.equal(getattr(a, s).x, getattr(b, s).x)
+               and torch.equal(getattr(a, s).y, getattr(b, s).y) for s in ("train", "test"))
+
+
+def test_mnist_is_decoded_once_then_mapped_bit_identically(
+        mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BAFFLE_DECODED_CACHE", "off")  # restored after the test
+    plain = _fresh_mnist(mnist_dir, "off")
+    assert not tmp_path.joinpath("c").exists()
+    first = _fresh_mnist(mnist_dir, tmp_path / "c")  # builds and writes the entry
+    (entry,) = (tmp_path / "c").iterdir()
+    assert (entry / "complete.json").is_file() and _same(first, plain)
+
+    def no_resize(_: np.ndarray) -> np.ndarray:
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(mnist_module, "resize", no_resize)
+    again = _fresh_mnist(mnist_dir, tmp_path / "c")  # mapped, not decoded
+    assert _same(again, plain) and again.train.x.shape == (60000, 1, 32, 32)
+    mnist_module._load.cache_clear()
+
+
+def test_a_damaged_cache_entry_is_rebuilt_and_a_corrupt_source_still_refused(
+        mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("BAFFLE_DECODED_CACHE", "off")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for name in MNIST_FILES:
+        (folder / f"{name}.gz").write_bytes((mnist_dir / f"{name}.gz").read_bytes())
+    want = _fresh_mnist(folder, tmp_path / "c")
+    (entry,) = (tmp_path / "c").iterdir()
+    with open(entry / "train_x.npy", "r+b") as f:  # cut short, as by a full disk
+        f.truncate(1000)
+    with caplog.at_level("WARNING", logger="baffle.data"):
+        rebuilt = _fresh_mnist(folder, tmp_path / "c")
+    assert _same(rebuilt, want) and "damaged" in caplog.text
+    assert (entry / "train_x.npy").stat().st_size > 200 << 20  # written whole again
+    # a source file replaced by a corrupt one: another key, so it is verified, and refused
+    name = "t10k-images-idx3-ubyte"
+    data = bytearray(idx_bytes(mnist_dir, name))
+    data[5000] ^= 0x01
+    (folder / f"{name}.gz").write_bytes(gzip.compress(bytes(data)))
+    with pytest.raises(DataError, match="SHA-256") as info:
+        _fresh_mnist(folder, tmp_path / "c")
+    assert_one_line_data_error(info, name)
+    mnist_module._load.cache_clear()
+
+
+def test_an_unwritable_cache_is_skipped(mnist_dir: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BAFFLE_DECODED_CACHE", "off")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    data = _fresh_mnist(mnist_dir, blocker / "cache")  # mkdir fails: built, not cached
+    assert data.train.x.shape == (60000, 1, 32, 32) and blocker.is_file()
+    mnist_module._load.cache_clear()
+
+
+def test_the_cache_keeps_the_newest_entries_of_a_data_set(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from baffle.data import cache
+
+    monkeypatch.setenv("BAFFLE_DECODED_CACHE", str(tmp_path))
+    for i in range(cache.KEEP + 2):
+        got = cache.cached_arrays("toy", i, lambda i=i: {"a": np.full(3, i, np.float32)})
+        assert got["a"].tolist() == [i] * 3
+        os.utime(tmp_path / cache.entry_key("toy", i) / "complete.json", (i + 1e9, i + 1e9))
+    cache.cached_arrays("other", 0, lambda: {"a": np.zeros(1)})
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert len([k for k in kept if k.startswith("toy-")]) == cache.KEEP
+    assert cache.entry_key("toy", cache.KEEP + 1) in kept and cache.entry_key("toy", 0) not in kept
+    assert cache.entry_key("other", 0) in kept
+    hit = cache.cached_arrays("toy", cache.KEEP + 1, lambda: {"a": np.zeros(3, np.float32)})
+    assert hit["a"].tolist() == [cache.KEEP + 1] * 3  # read back, not rebuilt
+
+
 def copy_with(mnist_dir: Path, dest: Path, name: str, data: bytes, gz: bool) -> None:
     """A folder of links to the real files, except ``name``, written as ``data``."""
     dest.mkdir()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from baffle.data.cache import cached_arrays
 from baffle.data.dataset import ArrayDataset, DataBundle, digest, download_file, one_line
 from baffle.errors import DataError
 
@@ -120,15 +121,15 @@ def download_mnist(folder: Path, mirrors: Sequence[str] | None = None) -> None:
         download_file(urls, folder / f"{name}.gz", check)
 
 
-def _to_dataset(images: np.ndarray, labels: np.ndarray) -> ArrayDataset:
+def resize(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 32, 32) in [0, 1], bilinear as the authors."""
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    return ArrayDataset(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
+    return x.contiguous().numpy()
 
 
-@lru_cache(maxsize=2)
-def _load(files: tuple[tuple[Path, int, int], ...]) -> DataBundle:
-    """Decode, verify and preprocess; keyed on (path, size, mtime) so edits are seen."""
+def _decoded(files: tuple[tuple[Path, int, int], ...]) -> dict[str, np.ndarray]:
+    """Decode, verify and preprocess the four files."""
     arrays = [
         _verified(path, name, ndim)
         for (path, _, _), (name, ndim) in zip(files, _FILES, strict=True)
@@ -140,10 +141,20 @@ def _load(files: tuple[tuple[Path, int, int], ...]) -> DataBundle:
                 f"MNIST file {path} holds {len(images)} images but its labels file holds "
                 f"{len(labels)}: replace both with the standard files or pass --download"
             )
+    return {"train_x": resize(train_x), "train_y": train_y.astype(np.int64),
+            "test_x": resize(test_x), "test_y": test_y.astype(np.int64)}
+
+
+@lru_cache(maxsize=2)
+def _load(files: tuple[tuple[Path, int, int], ...]) -> DataBundle:
+    """The data set, keyed on (path, size, mtime) so edits are seen; decoded once per
+    machine (``baffle.data.cache``: later processes map the decoded arrays)."""
+    a = cached_arrays("mnist", (tuple((str(p), n, t) for p, n, t in files), IMAGE_SIZE,
+                                torch.__version__), lambda: _decoded(files))
     return DataBundle(
         name="mnist",
-        train=_to_dataset(train_x, train_y),
-        test=_to_dataset(test_x, test_y),
+        train=ArrayDataset(torch.from_numpy(a["train_x"]), torch.from_numpy(a["train_y"])),
+        test=ArrayDataset(torch.from_numpy(a["test_x"]), torch.from_numpy(a["test_y"])),
         num_classes=10,
         in_channels=1,
         image_size=IMAGE_SIZE,
