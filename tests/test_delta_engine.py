@@ -178,7 +178,8 @@ if sys.argv[1] == "default":
 from baffle.estimator import EstimatorSpec, loss_differences
 from baffle.models import build_model
 torch.set_num_threads(1)
-model = build_model("lenet", num_classes=10, in_channels=1, generator=torch.Generator().manual_seed(0))
+model = build_model("lenet", num_classes=10, in_channels=1,
+                    generator=torch.Generator().manual_seed(0))
 x, y = torch.rand(32, 1, 32, 32), torch.randint(0, 10, (32,))
 faults = []
 for _ in range(4):

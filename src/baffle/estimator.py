@@ -167,8 +167,9 @@ def choose_engine(
         per = 2 * eng.per_perturbation_bytes(peak, pbytes)  # + the bf16 input and change
         cap = min(chunk, eng.DELTA_CHUNK_CAP) if x.device.type == "cpu" else chunk
         n = eng.chunk_for(per, max(0, budget - total), K, cap)
-        return EngineChoice("delta", n, f"{n} perturbations per pass, {(per * n + total) / 2**20:.0f}"
-                            f" MiB of a {budget / 2**20:.0f} MiB budget, unperturbed pass kept")
+        return EngineChoice("delta", n, f"{n} perturbations per pass, "
+                            f"{(per * n + total) / 2**20:.0f} MiB of a {budget / 2**20:.0f} "
+                            "MiB budget, unperturbed pass kept")
     if engine in ("batched", "auto") and plan is not None:
         peak, total = _activation_bytes(model, plan, x)
         per = eng.per_perturbation_bytes(peak, pbytes)
