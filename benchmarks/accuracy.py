@@ -115,6 +115,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "baffle-fedsgd-client-guided50-seed1": dict(mode="fedsgd", seed_sharing="client",
                                                 guide_dims=50, lr=4e-2, lr_milestones=(5, 8),
                                                 lr_gamma=0.2, ema=False, seed=1),
+    "baffle-fedsgd-client-guided50-seed2": dict(mode="fedsgd", seed_sharing="client",
+                                                guide_dims=50, lr=4e-2, lr_milestones=(5, 8),
+                                                lr_gamma=0.2, ema=False, seed=2),
     "bp-fedsgd": dict(method="bp-fedsgd"),
     "bp-fedavg": dict(method="bp-fedavg"),
 }
@@ -157,6 +160,7 @@ WHY = {  # what each run asks, printed beside its command
                                      "epochs 5 and 8, no EMA",
     "baffle-fedsgd-client-guided50-seed1": "the guided recipe above with seed 1: another "
                                            "split, other held-out images, other directions",
+    "baffle-fedsgd-client-guided50-seed2": "the guided recipe above with seed 2",
     "bp-fedsgd": "backprop, one step per round",
     "bp-fedavg": "backprop, one local epoch per round",
 }

@@ -151,8 +151,12 @@ def test_delta_chunks_at_the_cap_on_a_cpu_and_within_the_budget():
     assert small.engine == "delta" and 1 <= small.chunk < eng.DELTA_CHUNK_CAP
 
 
-def test_conv_add_equals_a_conv_and_an_add():
-    """The fused oneDNN conv + add (CPU) against F.conv2d, bfloat16 as the engine uses it."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_conv_add_equals_a_conv_and_an_add(fused, monkeypatch):
+    """The fused oneDNN conv + add (CPU), and the plain fallback, against F.conv2d,
+    bfloat16 as the engine uses it."""
+    if not fused:
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     g = torch.Generator().manual_seed(0)
     m = torch.nn.Conv2d(6, 5, 3, padding=1)
     x = torch.randn(2, 2 * 6, 7, 7, generator=g).to(torch.bfloat16)
@@ -162,6 +166,12 @@ def test_conv_add_equals_a_conv_and_an_add():
     out = torch.randn(2, 10, 7, 7, generator=g).to(torch.bfloat16)
     out = out.contiguous(memory_format=torch.channels_last)
     want = out.float() + F.conv2d(x, w, None, 1, 1, 1, 2).float()
+    if fused:  # the fused op must do it alone: no fallback to a separate conv
+
+        def no_conv(*_args, **_kwargs):
+            raise AssertionError("fell back to F.conv2d")
+
+        monkeypatch.setattr(eng.F, "conv2d", no_conv)
     eng.conv_add_(out, x, w, m, 2)
     assert torch.allclose(out.float(), want, rtol=2.0 ** -7, atol=2.0 ** -5)
 

@@ -600,9 +600,9 @@ def steady_heap() -> bool:
     upwards only after such a free. On a 2-core Xeon a warm LeNet delta estimate (K=20,
     chunk 4) faulted 28,000 pages in each time, and its K=100 step took 0.34-0.42 s
     instead of 0.21 s in some processes (tests/test_delta_engine.py counts the faults).
-    This sets ``M_MMAP_THRESHOLD`` to 32 MiB (glibc's upper limit
-    for it) and ``M_TRIM_THRESHOLD`` to 64 MiB, once per process: up to 64 MiB of freed
-    memory may stay mapped. Returns whether glibc took both (False on other C libraries).
+    This sets ``M_MMAP_THRESHOLD`` to 32 MiB (glibc's upper limit for it) and
+    ``M_TRIM_THRESHOLD`` to 64 MiB, once per process: up to 64 MiB of freed memory may
+    stay mapped. Returns whether glibc took both (False on other C libraries).
     """
     if _HEAP["set"]:
         return True
@@ -627,7 +627,7 @@ def conv_add_(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, m: nn.Conv2d,
     """out += conv2d(x, w) with ``m``'s geometry: on a CPU one oneDNN convolution with an
     add post-op (no second pass over ``out``), elsewhere a conv and an add."""
     if out.device.type == "cpu" and torch.backends.mkldnn.is_available():
-        with suppress(RuntimeError):  # a layout or build oneDNN's fused op refuses
+        with suppress(RuntimeError, AttributeError):  # refused, or a build without it
             torch.ops.mkldnn._convolution_pointwise_.binary(
                 out, x, w, None, list(_pair(m.padding)), list(_pair(m.stride)),
                 list(_pair(m.dilation)), groups, "add", 1.0, None, [], None)
