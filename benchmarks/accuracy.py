@@ -519,10 +519,12 @@ def guided_progress(records: dict[tuple[str, str], dict[str, Any]]) -> str:
         text = (f"{name} on {on} has finished {rec['curve'][-1][0]:.1f} epochs, "
                 + ", ".join(f"{p[2]:.2f}%" for p in pts) + " after epochs "
                 + ", ".join(f"{p[0]:.0f}" for p in pts))
-        if proxy and pts:
-            text += (" (the proxy's three seeds: " + "; ".join(
+        span = min((len(c) for c in proxy), default=0)  # the proxy trained 10 epochs
+        within = [p for p in pts if int(p[0]) <= span]
+        if within:
+            text += (f" (the proxy's three seeds, epochs 1-{int(within[-1][0])}: " + "; ".join(
                 f"{min(c[int(p[0]) - 1] for c in proxy):.2f}-"
-                f"{max(c[int(p[0]) - 1] for c in proxy):.2f}%" for p in pts) + ")")
+                f"{max(c[int(p[0]) - 1] for c in proxy):.2f}%" for p in within) + ")")
         return text
 
     return "; ".join(one(*run) for run in runs)
