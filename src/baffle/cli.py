@@ -56,8 +56,8 @@ HELP = {
                "counter (a hash of the entry's index: one batch per tensor, for GPUs)",
     "engine": "batched (K perturbed models as one grouped pass) | delta (batched, each "
               "perturbed conv computing only its O(sigma) change from the unperturbed pass, in "
-              "bfloat16: faster on CPUs with AMX; each loss difference keeps about 8 bits of its "
-              "own size) | sequential (one functional copy at a time) | inplace (perturb the "
+              "bfloat16: faster on CPUs with AMX; rounding of about 1% of the differences' mean "
+              "size against float64, as float32's on LeNet) | sequential (one functional copy at a time) | inplace (perturb the "
               "weights in place, exact restore: inference memory) | vmap | auto (batched if it "
               "fits --max-memory, else inplace)",
     "chunk": "perturbed models per batched forward pass (batched, vmap; auto takes at most 2 "
