@@ -118,6 +118,11 @@ RUNS: dict[str, dict[str, Any]] = {
     "baffle-fedsgd-client-guided50-seed2": dict(mode="fedsgd", seed_sharing="client",
                                                 guide_dims=50, lr=4e-2, lr_milestones=(5, 8),
                                                 lr_gamma=0.2, ema=False, seed=2),
+    # the guided recipe with one seed per round, which secure aggregation can sum: K=100
+    # directions a step in the 50-dimensional span instead of C*K = 1,000
+    "baffle-fedsgd-round-guided50": dict(mode="fedsgd", seed_sharing="round", guide_dims=50,
+                                         lr=4e-2, lr_milestones=(5, 8), lr_gamma=0.2,
+                                         ema=False),
     "bp-fedsgd": dict(method="bp-fedsgd"),
     "bp-fedavg": dict(method="bp-fedavg"),
 }
@@ -161,6 +166,9 @@ WHY = {  # what each run asks, printed beside its command
     "baffle-fedsgd-client-guided50-seed1": "the guided recipe above with seed 1: another "
                                            "split, other held-out images, other directions",
     "baffle-fedsgd-client-guided50-seed2": "the guided recipe above with seed 2",
+    "baffle-fedsgd-round-guided50": "the guided recipe with one seed per round, the "
+                                    "setting secure aggregation can sum (K directions a "
+                                    "step, not C*K)",
     "bp-fedsgd": "backprop, one step per round",
     "bp-fedavg": "backprop, one local epoch per round",
 }

@@ -1,6 +1,7 @@
 """SecAgg+ of the K loss differences on Flower's simulation engine: the server sees only
 the mean, its error is within the quantization bound, training matches plaintext, and
-a client dropping out mid-protocol does not stop the round."""
+a client dropping out mid-protocol does not stop the round. With --guide-dims the basis
+reaches each node once, inside its fit instructions."""
 
 import json
 import subprocess
@@ -14,21 +15,27 @@ import torch
 pytest.importorskip("flwr")
 
 from baffle.config import from_dict  # noqa: E402
-from baffle.simulator import round_seed, train  # noqa: E402
+from baffle.simulator import round_seed, setup, train  # noqa: E402
 
 SIM = Path(__file__).parent / "flower" / "sim_run.py"
 # batch 256: one round per epoch, so the K schedule gives round 0 K=6 and round 1 K=4
 CFG = {"clients": 4, "K": 6, "rounds": 2, "optimizer": "sgd", "lr": 0.05, "batch-size": 256,
        "K-milestones": "1", "K-values": "4"}
+# --guide-dims: the server's gradients pick a basis at round 3 (history 3, refresh 3)
+# sigma 1e-2: a loss's float32 round-off moves d_k / sigma 100x less than at 1e-4, so
+# six rounds of SecAgg+'s (unseeded) stochastic rounding stay far below 1% of the update
+GUIDED = {"clients": 4, "K": 6, "rounds": 6, "optimizer": "sgd", "lr": 0.05, "sigma": 1e-2,
+          "batch-size": 64, "guide-dims": 2, "guide-history": 3, "guide-refresh": 3,
+          "guide-images": 64}
 
 
-def _config():
-    return from_dict({k.replace("-", "_"): v for k, v in CFG.items()})
+def _config(values=CFG):
+    return from_dict({k.replace("-", "_"): v for k, v in values.items()})
 
 
-def _run(tmp_path, mode):
+def _run(tmp_path, mode, values=CFG):
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(SIM), str(run), "4", json.dumps(CFG), mode],
+    r = subprocess.run([sys.executable, str(SIM), str(run), "4", json.dumps(values), mode],
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 0 and (run / "summary.json").exists(), r.stderr[-3000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -36,47 +43,93 @@ def _run(tmp_path, mode):
     return run, rows, plain
 
 
-def _check_aggregates(rows, plain, survivors):
+def _check_aggregates(rows, plain, survivors, values=CFG):
     """|secure mean - plaintext mean| <= sigma * 2c / 2^22 per entry: one stochastic
-    rounding step of Flower's quantizer (clients scaled by n_c / max_weight = 1)."""
-    cfg = _config()
-    for r in rows:
+    rounding step of Flower's quantizer (clients scaled by n_c / max_weight = 1).
+    ``survivors``: the clients each round aggregates (one list per round)."""
+    cfg = _config(values)
+    assert len(survivors) == len(rows)
+    for r, alive in zip(rows, survivors):
         ps = [p for p in plain if p["seed"] == round_seed(cfg, r["round"])]
-        assert sorted(p["client"] for p in ps) == survivors
+        assert sorted(p["client"] for p in ps) == alive
         w = np.array([p["n"] for p in ps], float)
         mean = (w[:, None] * np.array([p["d"] for p in ps])).sum(0) / w.sum()
         err = np.abs(np.array(r["aggregate"]) - mean).max()
         bound = cfg.sigma * 2 * r["secagg_clip"] / 2**22
         assert err <= bound, (err, bound)
         assert np.abs(mean).max() > 100 * bound  # the bound is not vacuous
-        assert r["secagg_clients"] == len(survivors) and r["accepted"] == 1
-    assert [len(r["aggregate"]) for r in rows] == [r["K"] for r in rows] == [6, 4]
+        assert r["secagg_clients"] == len(alive) and r["accepted"] == 1
+
+
+def _train_one_thread(values, run_dir):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the clients ran as one-thread Ray actors
+    try:
+        return train(_config(values), run_dir=run_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _update_gap(run, ref, values):
+    """|secure update - plaintext update| / |plaintext update|, both from the initial
+    weights, for the runs in folders ``run`` and ``ref``."""
+    w0 = setup(_config(values)).server.model.state_dict()
+    secure = torch.load(run / "checkpoint.pt", weights_only=False)["server"]["model"]
+    plain = torch.load(ref / "checkpoint.pt", weights_only=False)["server"]["model"]
+    d_sec = torch.cat([(secure[k] - w0[k]).flatten() for k in w0])
+    d_pln = torch.cat([(plain[k] - w0[k]).flatten() for k in w0])
+    return float((d_sec - d_pln).norm() / d_pln.norm())
 
 
 def test_secagg_matches_plaintext_within_quantization(tmp_path):
     run, rows, plain = _run(tmp_path, "secagg")
-    _check_aggregates(rows, plain, [0, 1, 2, 3])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the clients ran as one-thread Ray actors
-    try:
-        train(_config(), run_dir=tmp_path / "ref")
-    finally:
-        torch.set_num_threads(threads)
+    _check_aggregates(rows, plain, [[0, 1, 2, 3]] * 2)
+    assert [len(r["aggregate"]) for r in rows] == [r["K"] for r in rows] == [6, 4]
+    _train_one_thread(CFG, tmp_path / "ref")
     # Round 0's weights differ only by the quantization error (~1e-9). From round 1 on,
     # that moves each loss by ~1 float32 ulp (2.4e-7 at L~2.3), which is ~0.5% of a
     # d_k at sigma=1e-4: finite differences amplify it (plaintext runs differing in one
     # ulp do the same). Measured: the two runs' total updates differ by 0.14% (2 rounds).
-    from baffle.simulator import setup
-
-    w0 = setup(_config()).server.model.state_dict()
-    secure = torch.load(run / "checkpoint.pt", weights_only=False)["server"]["model"]
-    plain_model = torch.load(tmp_path / "ref" / "checkpoint.pt",
-                             weights_only=False)["server"]["model"]
-    d_sec = torch.cat([(secure[k] - w0[k]).flatten() for k in w0])
-    d_pln = torch.cat([(plain_model[k] - w0[k]).flatten() for k in w0])
-    assert float((d_sec - d_pln).norm() / d_pln.norm()) < 0.01
+    assert _update_gap(run, tmp_path / "ref", CFG) < 0.01
 
 
 def test_secagg_survives_a_dropout_mid_protocol(tmp_path):
     run, rows, plain = _run(tmp_path, "secagg-dropout")
-    _check_aggregates(rows, plain, [0, 2, 3])
+    _check_aggregates(rows, plain, [[0, 2, 3]] * 2)
+    assert [len(r["aggregate"]) for r in rows] == [r["K"] for r in rows] == [6, 4]
+
+
+def _basis_and_plain_bytes():
+    fed = setup(_config(GUIDED))
+    return 4 * fed.n_params * GUIDED["guide-dims"], 4 * fed.n_params + 8
+
+
+def test_secagg_sends_the_basis_once_and_trains_as_plaintext_does(tmp_path):
+    run, rows, plain = _run(tmp_path, "secagg", GUIDED)
+    _check_aggregates(rows, plain, [[0, 1, 2, 3]] * 6, GUIDED)
+    ref = _train_one_thread(GUIDED, tmp_path / "ref")
+    basis, base = _basis_and_plain_bytes()
+    down = [base, base, base, base + basis, base, base]
+    assert [r["bytes_down_per_client"] for r in rows] == down
+    assert [r["bytes_down_per_client"] for r in ref.metrics] == down  # as plaintext counts
+    # Rounds 3-5 step along the basis. Measured: the secure run's update is 4-6e-5 of its
+    # size away from the plaintext run's, and 0.49 away from that of a run that never
+    # guides, which is where a server rebuilding in another span than the nodes' would be.
+    unguided = {**GUIDED, "guide-dims": 0}
+    _train_one_thread(unguided, tmp_path / "unguided")
+    assert _update_gap(run, tmp_path / "ref", GUIDED) < 1e-3
+    assert _update_gap(run, tmp_path / "unguided", unguided) > 0.1
+
+
+def test_a_secagg_node_that_lost_the_basis_drops_out_once_and_is_sent_it_again(tmp_path):
+    """Node 1 loses its basis before round 4: its fit fails with the one-line error naming
+    the basis, SecAgg+ aggregates the other three, and round 5 sends the basis to node 1
+    alone (a quarter of a basis per sender, on average)."""
+    run, rows, plain = _run(tmp_path, "secagg-guide-faults", GUIDED)
+    _check_aggregates(rows, plain, [[0, 1, 2, 3]] * 4 + [[0, 2, 3], [0, 1, 2, 3]], GUIDED)
+    assert [r["rejected"] for r in rows] == [0, 0, 0, 0, 1, 0]
+    (why,) = rows[4]["rejections"]
+    assert "does not hold the server's basis" in why["reason"] and "\n" not in why["reason"], why
+    basis, base = _basis_and_plain_bytes()
+    assert [r["bytes_down_per_client"] for r in rows] == \
+        [base, base, base, base + basis, base, base + basis // 4]

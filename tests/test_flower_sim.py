@@ -222,6 +222,7 @@ def test_faulty_clients_are_dropped_and_too_few_leave_the_model(tmp_path):
         reasons = " | ".join(x["reason"] for x in r["rejections"])
         for fragment in ("lost power", "wrong length", "non-finite", "version"):
             assert fragment in reasons, reasons
+        assert "\n" not in reasons and "Traceback" not in reasons  # one line per client
     start = from_dict({"clients": 6})
     from baffle.simulator import setup
 

@@ -185,16 +185,15 @@ def test_more_server_images_than_the_split_holds_is_refused():
     assert "\n" not in str(e.value)
 
 
-def test_the_flower_apps_take_guided_directions_but_secure_aggregation_refuses_them():
+def test_secure_aggregation_takes_guided_directions_in_shared_seed_fedsgd_only():
     from baffle.flower.secagg import check_secagg_config
 
     cfg, _ = config_from_run_config({"dataset": "digits", "guide-dims": 3, "guide-history": 5,
                                      "guide-images": 100, "rounds": 1})
-    assert cfg.guide_dims == 3  # the plain apps send the basis (tests/test_flower_sim.py)
-    with pytest.raises(ConfigError, match="set guide-dims to 0") as e:
-        check_secagg_config(setup(cfg))
+    check_secagg_config(setup(cfg))  # tests/test_flower_secagg.py sends the basis
+    with pytest.raises(ConfigError, match="--seed-sharing round") as e:
+        check_secagg_config(setup(cfg.replace(seed_sharing="client")))
     assert "\n" not in str(e.value)
-    check_secagg_config(setup(cfg.replace(guide_dims=0)))  # and without it, it passes
 
 
 def test_a_guided_run_counts_the_basis_downloads(tmp_path):

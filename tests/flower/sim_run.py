@@ -1,11 +1,12 @@
 """Run one Flower simulation (Ray backend) of baffle's apps; used by tests/test_flower_sim.py.
 
     python tests/flower/sim_run.py RUN_DIR NUM_SUPERNODES JSON_OVERRIDES \
-        [faulty|secagg|secagg-dropout|keep-faults|guide-faults]
+        [faulty|secagg|secagg-dropout|secagg-guide-faults|keep-faults|guide-faults]
 
 With ``faulty``: client 1 raises, 2 uploads a short vector, 3 a NaN, 4 runs another
 direction-scheme version; the others behave. ``secagg`` runs the SecAgg+ apps; with
-``secagg-dropout`` client 1 dies after the key exchange, mid-protocol. Every client's
+``secagg-dropout`` client 1 dies after the key exchange, mid-protocol; with
+``secagg-guide-faults`` node 1 loses its --guide-dims basis before round 4. Every client's
 plaintext K-vector is appended to RUN_DIR/../plain.jsonl so tests can measure the
 aggregate's error (a test-only leak, of course). ``keep-faults`` (kept client
 optimizers): see ``keep_faults``; ``guide-faults`` (--guide-dims): see ``guide_faults``.
@@ -68,7 +69,7 @@ def guide_faults(overrides):
     """In round 4 node 1 has lost the basis it was sent (as a restarted node would)."""
     from flwr.clientapp import ClientApp
 
-    from baffle.flower.client_app import BASIS_KEY
+    from baffle.flower.wire import BASIS_KEY
 
     inner = make_client_app(overrides)
     app = ClientApp()
@@ -81,6 +82,18 @@ def guide_faults(overrides):
         return inner(msg, context)
 
     return app
+
+
+def forget_basis_mod(msg, context, call_next):
+    """``secagg-guide-faults``: node 1 loses its basis (as a restarted node would) just
+    before its round-4 fit, the SecAgg+ stage that carries the weights."""
+    from baffle.flower.wire import BASIS_KEY
+
+    fit = msg.content.config_records.get("fitins.config")
+    if (fit is not None and int(fit["round"]) == 4
+            and int(context.node_config["partition-id"]) == 1 and BASIS_KEY in context.state):
+        del context.state[BASIS_KEY]
+    return call_next(msg, context)
 
 
 def record_plain(run_dir: str, drop: bool):
@@ -103,8 +116,10 @@ def main() -> None:
         from baffle.flower.secagg import make_secagg_client_app, make_secagg_server_app
 
         recorder = record_plain(run_dir, mode == "secagg-dropout")
+        mods = [forget_basis_mod] if mode == "secagg-guide-faults" else []
         run_simulation(server_app=make_secagg_server_app(overrides),
-                       client_app=make_secagg_client_app(overrides, recorder), num_supernodes=n,
+                       client_app=make_secagg_client_app(overrides, recorder, mods),
+                       num_supernodes=n,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                        "init_args": {"num_cpus": 2, "include_dashboard": False}})
         return

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from baffle.aggregate import Upload
@@ -48,7 +48,7 @@ from baffle.flower.wire import (
     check_round_spec,
     config_from_run_config,
     load_weights,
-    record_basis,
+    kept_basis,
     record_states,
     states_record,
     upload_to_content,
@@ -137,21 +137,14 @@ def save_kept(context: Context, path: Path | None, kept: list[dict[str, Any]]) -
         atomic_write(path, lambda f: torch.save(kept, f))
 
 
-BASIS_KEY = "baffle-basis"
-
-
 def held_basis(msg: Message, context: Context, fed: Federation) -> Basis | None:
     """The basis the round names (None: none yet): the one the message carries, which the
     node then keeps in ``Context.state``, else the one it kept; ``ConfigError`` if it holds
     another or none."""
     rc = msg.content["config"]
-    if "basis-digest" not in rc:
-        return None
-    if "basis" in msg.content:
-        context.state[BASIS_KEY] = msg.content["basis"]
-    record = context.state.get(BASIS_KEY)
-    return record_basis(record if isinstance(record, ArrayRecord) else None,
-                        fed.server.sizes, str(rc["basis-digest"]))
+    return kept_basis(context.state, str(rc["basis-digest"]) if "basis-digest" in rc else None,
+                      msg.content["basis"] if "basis" in msg.content else None,
+                      fed.server.sizes)
 
 
 def make_client_app(

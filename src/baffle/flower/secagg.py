@@ -10,18 +10,28 @@ size and c = ``CLIP_MARGIN`` x the largest |u| measured on the server's validati
 the start, the rounding error of the mean is about c / 2^22 per entry (~1e-6 of c): far
 below the estimator's own noise. The server multiplies the mean back by sigma.
 Only ``--method baffle --mode fedsgd --seed-sharing round`` can be aggregated this way.
+
+With ``--guide-dims`` the server also sends its latest basis U to each node not known to
+hold it, as one more array after the weights; the node keeps it in ``Context.state`` and
+draws every direction in it. A node that lost it (restarted) fails its fit with a one-line
+error, which SecAgg+ treats as a dropout; the server sends it the basis again next round.
+Guided directions U z_k give |u_k| = |z_k . U^T g| <= |z_k| |g|, no more than unguided ones
+in distribution, so the clipping range calibrated at the start still holds.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
+from flwr.app import Array, ArrayRecord
 from flwr.common import (
     Context,
     FitIns,
@@ -42,12 +52,20 @@ from flwr.serverapp import Grid
 from baffle.aggregate import Upload
 from baffle.errors import ConfigError
 from baffle.estimator import loss_differences
-from baffle.flower.wire import check_round_spec, config_from_run_config
+from baffle.flower.wire import (
+    BasisHolders,
+    check_round_spec,
+    config_from_run_config,
+    error_line,
+    kept_basis,
+    round_config,
+)
 from baffle.simulator import (
     Federation,
     RunLog,
     begin_round,
     finish_round,
+    guide_round,
     round_seed,
     run_client,
     setup,
@@ -62,9 +80,6 @@ def check_secagg_config(fed: Federation) -> None:
     if not (c.is_baffle and c.round_mode == "fedsgd" and c.seed_sharing == "round"):
         raise ConfigError("secure aggregation needs --method baffle --mode fedsgd "
                           "--seed-sharing round (the server may only learn the mean K-vector)")
-    if c.guide_dims:
-        raise ConfigError("secure aggregation does not send the --guide-dims basis to clients "
-                          "(the plain Flower apps do): set guide-dims to 0")
 
 
 @torch.no_grad()
@@ -99,6 +114,7 @@ class SecAggBaffleStrategy(Strategy):
         check_secagg_config(fed)
         self.fed, self.run_log, self.first_round, self.metrics = fed, run_log, first_round, metrics
         self.clip = clip
+        self.holders = BasisHolders()  # --guide-dims: who holds the latest basis
         self._pending: dict[str, Any] = {}
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -110,18 +126,21 @@ class SecAggBaffleStrategy(Strategy):
         r = self.first_round + server_round - 1
         started = time.perf_counter()
         lr = begin_round(fed, r)
+        guide_round(fed, r)
         n = client_manager.num_available()
         clients = client_manager.sample(num_clients=n, min_num_clients=max(1, fed.config.min_clients))
         seed = round_seed(fed.config, r)
+        nodes = [int(c.node_id) for c in clients]
+        basis = fed.dirs.basis
+        lacking = self.holders.lacking(nodes, basis)
         self._pending = {"round": r, "lr": lr, "seed": seed, "started": started,
-                         "sampled": [int(c.node_id) for c in clients]}
-        spec = fed.spec_at(r)
-        config: dict[str, Scalar] = {"round": r, "seed": seed, "lr": lr, "K": spec.K,
-                                     "sigma": spec.sigma, "scheme": spec.scheme,
-                                     "scheme-version": fed.dirs.version,
-                                     "fingerprint": fed.dirs.fingerprint()}
-        fit_ins = FitIns(ndarrays_to_parameters(_weights(fed)), config)
-        return [(c, fit_ins) for c in clients]
+                         "sampled": nodes, "sent-basis": lacking}
+        config: dict[str, Scalar] = dict(round_config(r, seed, lr, fed.spec_at(r), fed.dirs))
+        weights = _weights(fed)
+        plain = FitIns(ndarrays_to_parameters(weights), config)
+        with_basis = (FitIns(ndarrays_to_parameters([*weights, torch.cat(basis.blocks).numpy()]),
+                             config) if basis is not None and lacking else plain)
+        return [(c, with_basis if int(c.node_id) in lacking else plain) for c in clients]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
@@ -133,9 +152,22 @@ class SecAggBaffleStrategy(Strategy):
             total = sum(res.num_examples for _, res in results)
             uploads = [Upload(-1, int(total), (p["seed"],), dbar,
                               forward_passes=fed.spec_at(p["round"]).forward_passes)]
-        fails = [{"client": "secagg", "reason": f"dropped out: {f!r}"[:300]} for f in failures]
+        answered = [int(proxy.node_id) for proxy, _ in results]
+        basis, guide = fed.dirs.basis, fed.server.guide
+        self.holders.settle(p["sampled"], answered, basis)
+        if guide is not None and basis is not None:
+            guide.held[-1] = basis.digest  # the aggregate's "client": basis counted below
+        # Flower's workflow lists some errors twice and none by node: one entry per node
+        # that did not answer, each naming the round's distinct errors
+        errors = "; ".join(dict.fromkeys(
+            error_line(getattr(f.args[0], "reason", f) if f.args else f) for f in failures))
+        fails = [{"client": f"node {n}", "reason": f"dropped out: {errors or 'no reply'}"[:300]}
+                 for n in sorted(set(p["sampled"]) - set(answered))]
         record = finish_round(fed, p["round"], p["lr"], p["sampled"], uploads, fails,
                               p["started"])
+        if basis is not None and answered:  # the mean over the senders, as for plain rounds
+            got = len(p["sent-basis"] & set(answered))
+            record["bytes_down_per_client"] += 4 * fed.n_params * basis.dims * got / len(answered)
         record.update({"secagg_clients": len(results), "secagg_clip": self.clip,
                        "aggregate": uploads[0].diffs.tolist() if uploads else None})
         self.metrics.append(record)
@@ -188,15 +220,22 @@ def make_secagg_server_app(overrides: dict[str, Any] | None = None) -> ServerApp
 
 
 class _BaffleNumPyClient(NumPyClient):
-    def __init__(self, fed: Federation, client: int, tamper: Any = None) -> None:
-        self.fed, self.client, self.tamper = fed, client, tamper
+    def __init__(self, fed: Federation, client: int, context: Context,
+                 tamper: Any = None) -> None:
+        self.fed, self.client, self.node, self.tamper = fed, client, context, tamper
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]
             ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         fed = self.fed
+        n = len(fed.server.model.state_dict())
+        sent = ArrayRecord({"U": Array(parameters[n])}) if len(parameters) > n else None
+        digest = str(config["basis-digest"]) if "basis-digest" in config else None
+        if (basis := kept_basis(self.node.state, digest, sent, fed.server.sizes)) \
+                != fed.dirs.basis:
+            fed.dirs = replace(fed.dirs, basis=basis)
         fed.dirs.check(str(config["scheme-version"]), str(config["fingerprint"]))
         check_round_spec(fed.spec_at(int(config["round"])), config)
-        _load(fed, parameters)
+        _load(fed, parameters[:n])
         u = run_client(fed, self.client, int(config["round"]), float(config["lr"]),
                        int(config["seed"]))
         if self.tamper is not None:
@@ -206,8 +245,9 @@ class _BaffleNumPyClient(NumPyClient):
 
 
 def make_secagg_client_app(overrides: dict[str, Any] | None = None,
-                           tamper: Any = None) -> ClientApp:
-    """ClientApp with Flower's ``secaggplus_mod``: it uploads d/sigma, masked."""
+                           tamper: Any = None, mods: Sequence[Any] = ()) -> ClientApp:
+    """ClientApp with Flower's ``secaggplus_mod`` (then ``mods``): it uploads d/sigma,
+    masked. ``tamper`` and ``mods`` exist to test faulty clients."""
     from flwr.client.mod import secaggplus_mod
 
     cache: dict[str, Federation] = {}
@@ -218,9 +258,9 @@ def make_secagg_client_app(overrides: dict[str, Any] | None = None,
         if key not in cache:
             cache[key] = setup(cfg)
         return _BaffleNumPyClient(cache[key], int(context.node_config["partition-id"]),
-                                  tamper).to_client()
+                                  context, tamper).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod, *mods])
 
 
 server_app = make_secagg_server_app()

@@ -26,7 +26,14 @@ from flwr.serverapp.strategy import Strategy
 
 from baffle.aggregate import Upload
 from baffle.directions import derive_seed
-from baffle.flower.wire import basis_record, content_to_upload, round_config, weights_record
+from baffle.flower.wire import (
+    BasisHolders,
+    basis_record,
+    content_to_upload,
+    error_line,
+    round_config,
+    weights_record,
+)
 from baffle.simulator import (
     Federation,
     RunLog,
@@ -55,7 +62,7 @@ class BaffleStrategy(Strategy):
         self.min_available, self.wait_s = min_available, wait_s
         self._pending: dict[str, Any] = {}
         self._client_of: dict[int, int] = {}  # node id -> client index, learned from replies
-        self._holds: dict[int, str] = {}  # node id -> digest of the basis it holds (guide)
+        self._holders = BasisHolders()  # --guide-dims: who holds the latest basis
 
     def summary(self) -> None:
         c = self.fed.config
@@ -94,15 +101,14 @@ class BaffleStrategy(Strategy):
                    "config": round_config(r, round_seed(cfg, r), lr, fed.spec_at(r), fed.dirs,
                                           digests)}
         basis = fed.dirs.basis
-        sent_basis = ([] if basis is None else
-                      [n for n in nodes if self._holds.get(n) != basis.digest])
+        sent_basis = self._holders.lacking(nodes, basis)
         plain = RecordDict(records)
         with_basis = (RecordDict({**records, "basis": basis_record(basis)})
                       if basis is not None and sent_basis else plain)
         messages = [Message(content=with_basis if n in sent_basis else plain, dst_node_id=n,
                             message_type=MessageType.TRAIN) for n in nodes]
         self._pending = {"round": r, "lr": lr, "nodes": nodes, "started": started,
-                         "sent-basis": set(sent_basis)}
+                         "sent-basis": sent_basis}
         self._pending["sent"] = messages  # Flower stamps their message ids when it pushes them
         return messages
 
@@ -124,7 +130,7 @@ class BaffleStrategy(Strategy):
             answered.add(node)
             if msg.has_error():
                 failures.append({"client": self._name(node),
-                                 "reason": f"client failed: {msg.error.reason}"})
+                                 "reason": f"client failed: {error_line(msg.error.reason)}"})
                 continue
             try:
                 u = content_to_upload(msg.content)
@@ -157,10 +163,8 @@ class BaffleStrategy(Strategy):
         guide, basis = self.fed.server.guide, self.fed.dirs.basis
         if guide is None or basis is None:
             return
-        for n in nodes:
-            self._holds.pop(n, None)
+        self._holders.settle(nodes, [node for node, _ in answered_by], basis)
         for node, client in answered_by:
-            self._holds[node] = basis.digest
             if node in sent:
                 guide.held.pop(client, None)
             else:

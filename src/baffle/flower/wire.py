@@ -14,6 +14,7 @@ forward passes, the digest of the optimizer state its epoch started from).
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,6 +77,55 @@ def record_basis(record: ArrayRecord | None, sizes: Sequence[int], digest: str) 
         raise ConfigError(f"this node does not hold the server's basis {digest} (it holds "
                           f"{held}; restarted?): the server sends it again next round")
     return basis
+
+
+BASIS_KEY = "baffle-basis"  # where a node keeps the latest basis, in Context.state
+
+
+def kept_basis(state: RecordDict, digest: str | None, sent: ArrayRecord | None,
+               sizes: Sequence[int]) -> Basis | None:
+    """Node side: the basis a round names by ``digest`` (None: none yet). ``sent`` (the
+    server's copy, when the message carries one) is first kept in the node's ``state``;
+    ``ConfigError`` if the node then holds another basis or none (``record_basis``)."""
+    if digest is None:
+        return None
+    if sent is not None:
+        state[BASIS_KEY] = sent
+    record = state.get(BASIS_KEY)
+    return record_basis(record if isinstance(record, ArrayRecord) else None, sizes, digest)
+
+
+class BasisHolders:
+    """Server side: which node holds which basis, so that U (4 d r bytes) goes only to
+    the nodes that lack the latest one. A node holds the basis a round named once it has
+    answered that round; a node that did not answer (failed, dropped out, restarted) may
+    not, and is sent it again. A new server (a new Flower run) knows of no holder."""
+
+    def __init__(self) -> None:
+        self._digest: dict[int, str] = {}  # node id -> digest of the basis it holds
+
+    def lacking(self, nodes: Sequence[int], basis: Basis | None) -> set[int]:
+        """The ``nodes`` to send ``basis`` to (none without a basis)."""
+        if basis is None:
+            return set()
+        return {n for n in nodes if self._digest.get(n) != basis.digest}
+
+    def settle(self, asked: Sequence[int], answered: Sequence[int], basis: Basis | None
+               ) -> None:
+        """After a round that asked ``asked`` and heard back from ``answered``."""
+        for n in asked:
+            self._digest.pop(n, None)
+        if basis is not None:
+            for n in answered:
+                self._digest[n] = basis.digest
+
+
+def error_line(reason: object) -> str:
+    """A failed node's error as one line: its last line, less the colour codes and the
+    wrapping that Ray and Flower add around the exception's own message."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(reason)).strip().removesuffix("'>")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else text).split("Message: ", 1)[-1]
 
 
 def check_round_spec(mine: EstimatorSpec, sent: ConfigRecord | dict[str, Any]) -> None:
