@@ -133,3 +133,34 @@ def test_a_secagg_node_that_lost_the_basis_drops_out_once_and_is_sent_it_again(t
     basis, base = _basis_and_plain_bytes()
     assert [r["bytes_down_per_client"] for r in rows] == \
         [base, base, base, base + basis, base, base + basis // 4]
+
+
+def test_a_clip_too_small_fails_every_fit_in_one_line_and_the_halted_rounds_are_logged(
+        tmp_path):
+    """secagg-clip 1e-3 is far below every |d / sigma|: each client refuses to have its
+    vector clipped, SecAgg+ halts both rounds below its threshold, and each round is
+    logged as failed with the model unchanged and the clients' reason."""
+    run, rows, plain = _run(tmp_path, "secagg", {**CFG, "secagg-clip": 1e-3})
+    assert [r["round"] for r in rows] == [0, 1]
+    assert [(r["accepted"], r["rejected"]) for r in rows] == [(0, 4), (0, 4)]
+    assert all("model unchanged" in r["note"] for r in rows)
+    for r in rows:
+        for why in r["rejections"]:
+            assert "SecAgg+ halted" in why["reason"] and "secagg-clip >=" in why["reason"], why
+            assert "\n" not in why["reason"]
+    w0 = setup(_config()).server.model.state_dict()
+    final = torch.load(run / "checkpoint.pt", weights_only=False)["server"]["model"]
+    assert all(torch.equal(w0[k], final[k]) for k in w0)
+    assert len(plain) == 8  # every client did compute its vector: the clip refused it
+
+
+def test_check_clip_refuses_exactly_what_the_quantizer_would_clip():
+    from baffle.errors import ConfigError
+    from baffle.flower.secagg import check_clip
+
+    u = torch.tensor([0.5, -3.0, 1.0], dtype=torch.float64)
+    config = {"secagg-clip": 2.0, "secagg-max-weight": 32}
+    check_clip(u, 16, config)  # scaled by 16/32: |u| 1.5 <= 2
+    with pytest.raises(ConfigError, match="reaches 3, beyond the SecAgg.* clipping range 2") as e:
+        check_clip(u, 32, config)
+    assert "secagg-clip >= 6" in str(e.value) and "\n" not in str(e.value)

@@ -8,7 +8,11 @@ whatever sigma is); Flower's SecAgg+ mod scales u by n_c / max_weight, clips it 
 [-c, c] and stochastically rounds it to one of 2^22 levels. With max_weight = the batch
 size and c = ``CLIP_MARGIN`` x the largest |u| measured on the server's validation data at
 the start, the rounding error of the mean is about c / 2^22 per entry (~1e-6 of c): far
-below the estimator's own noise. The server multiplies the mean back by sigma.
+below the estimator's own noise. The server multiplies the mean back by sigma. The
+quantizer would clip a larger |u| silently, so a client whose scaled |u| exceeds c fails
+its fit in one line instead (naming the ``secagg-clip`` run-config value that fixes it).
+A round that SecAgg+ halts (fewer nodes left than its threshold) is logged as a failed
+round with the model unchanged, like a plaintext round without enough uploads.
 Only ``--method baffle --mode fedsgd --seed-sharing round`` can be aggregated this way.
 
 With ``--guide-dims`` the server also sends its latest basis U to each node not known to
@@ -73,6 +77,8 @@ from baffle.simulator import (
 
 log = logging.getLogger("baffle.flower")
 CLIP_MARGIN = 4.0
+# the server's run-config extras; a client ignores them (one run config serves both apps)
+SECAGG_KEYS = ("secagg-shares", "secagg-threshold", "secagg-clip")
 
 
 def check_secagg_config(fed: Federation) -> None:
@@ -106,6 +112,26 @@ def _load(fed: Federation, arrays: list[np.ndarray]) -> None:
                                       zip(keys, arrays, strict=True)})
 
 
+def _error(failure: Any) -> str:
+    """One line for a SecAgg+ failure: an ``Exception`` wrapping a node's ``Error``."""
+    return error_line(getattr(failure.args[0], "reason", failure) if failure.args else failure)
+
+
+class _Workflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, telling the strategy why a round halts (every stage ends
+    in ``_check_threshold``; without this hook the round is still logged, with no reason)."""
+
+    def __init__(self, strategy: SecAggBaffleStrategy, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.strategy = strategy
+
+    def _check_threshold(self, state: Any) -> bool:
+        ok = super()._check_threshold(state)
+        if not ok:
+            self.strategy.halted(state.failures)
+        return ok
+
+
 class SecAggBaffleStrategy(Strategy):
     """Legacy Flower strategy: FedSGD BAFFLE whose aggregate arrives already summed."""
 
@@ -115,13 +141,15 @@ class SecAggBaffleStrategy(Strategy):
         self.fed, self.run_log, self.first_round, self.metrics = fed, run_log, first_round, metrics
         self.clip = clip
         self.holders = BasisHolders()  # --guide-dims: who holds the latest basis
-        self._pending: dict[str, Any] = {}
+        self._pending: dict[str, Any] = {}  # the round between configure and aggregate
+        self._halt_errors: list[Any] = []
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters(_weights(self.fed))
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        self.settle_halted()
         fed = self.fed
         r = self.first_round + server_round - 1
         started = time.perf_counter()
@@ -135,7 +163,9 @@ class SecAggBaffleStrategy(Strategy):
         lacking = self.holders.lacking(nodes, basis)
         self._pending = {"round": r, "lr": lr, "seed": seed, "started": started,
                          "sampled": nodes, "sent-basis": lacking}
-        config: dict[str, Scalar] = dict(round_config(r, seed, lr, fed.spec_at(r), fed.dirs))
+        config: dict[str, Scalar] = {**round_config(r, seed, lr, fed.spec_at(r), fed.dirs),
+                                     "secagg-clip": self.clip,
+                                     "secagg-max-weight": fed.config.batch_size}
         weights = _weights(fed)
         plain = FitIns(ndarrays_to_parameters(weights), config)
         with_basis = (FitIns(ndarrays_to_parameters([*weights, torch.cat(basis.blocks).numpy()]),
@@ -159,8 +189,7 @@ class SecAggBaffleStrategy(Strategy):
             guide.held[-1] = basis.digest  # the aggregate's "client": basis counted below
         # Flower's workflow lists some errors twice and none by node: one entry per node
         # that did not answer, each naming the round's distinct errors
-        errors = "; ".join(dict.fromkeys(
-            error_line(getattr(f.args[0], "reason", f) if f.args else f) for f in failures))
+        errors = "; ".join(dict.fromkeys(_error(f) for f in failures))
         fails = [{"client": f"node {n}", "reason": f"dropped out: {errors or 'no reply'}"[:300]}
                  for n in sorted(set(p["sampled"]) - set(answered))]
         record = finish_round(fed, p["round"], p["lr"], p["sampled"], uploads, fails,
@@ -172,7 +201,27 @@ class SecAggBaffleStrategy(Strategy):
                        "aggregate": uploads[0].diffs.tolist() if uploads else None})
         self.metrics.append(record)
         self.run_log.round_done(fed, record)
+        self._pending, self._halt_errors = {}, []
         return ndarrays_to_parameters(_weights(fed)), {}
+
+    def halted(self, failures: list[Any]) -> None:
+        """Called by the workflow when a stage leaves too few nodes: its errors so far."""
+        self._halt_errors = list(failures)
+
+    def settle_halted(self) -> None:
+        """Log the pending round, if SecAgg+ halted it before ``aggregate_fit``: every
+        sampled node a failure, the model unchanged (``finish_round`` with no upload)."""
+        p, fed = self._pending, self.fed
+        if not p:
+            return
+        errors = "; ".join(dict.fromkeys(_error(f) for f in self._halt_errors)) or "no errors"
+        why = f"SecAgg+ halted: fewer nodes than its threshold answered ({errors})"[:300]
+        fails = [{"client": f"node {n}", "reason": why} for n in p["sampled"]]
+        record = finish_round(fed, p["round"], p["lr"], p["sampled"], [], fails, p["started"])
+        record.update({"secagg_clients": 0, "secagg_clip": self.clip, "aggregate": None})
+        self.metrics.append(record)
+        self.run_log.round_done(fed, record)
+        self._pending, self._halt_errors = {}, []
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[Any]:
@@ -189,19 +238,23 @@ class SecAggBaffleStrategy(Strategy):
 
 def make_secagg_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
     """ServerApp running SecAgg+ rounds. Run-config extras: ``secagg-shares`` (default: all
-    clients), ``secagg-threshold`` (default: 2/3 of the shares), ``round-timeout``."""
+    clients), ``secagg-threshold`` (default: 2/3 of the shares), ``secagg-clip`` (default:
+    calibrated, ``calibrate_clip``), ``round-timeout``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         raw = {**dict(context.run_config), **(overrides or {})}
-        extras = {k: raw.pop(k) for k in ("secagg-shares", "secagg-threshold") if k in raw}
+        extras = {k: raw.pop(k) for k in SECAGG_KEYS if k in raw}
         cfg, flower = config_from_run_config(raw)
         run_log = RunLog(flower["run-dir"] or None)
         fed = setup(cfg)
         check_secagg_config(fed)
         start, metrics = run_log.open(fed, bool(flower["resume"]))
-        clip = calibrate_clip(fed)
+        clip = float(extras["secagg-clip"]) if "secagg-clip" in extras else calibrate_clip(fed)
+        if not clip > 0:
+            raise ConfigError(f"secagg-clip must be > 0 (got {clip}): the largest |d / sigma| "
+                              "SecAgg+ can sum; leave it out to calibrate it")
         strategy = SecAggBaffleStrategy(fed, run_log, start, metrics, clip)
         shares = int(extras.get("secagg-shares", cfg.clients))
         threshold = int(extras.get("secagg-threshold", max(2, (2 * shares + 2) // 3)))
@@ -209,10 +262,12 @@ def make_secagg_server_app(overrides: dict[str, Any] | None = None) -> ServerApp
                  shares, threshold, clip, cfg.batch_size)
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=fed.total_rounds - start),
                                strategy=strategy)
-        workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-            num_shares=shares, reconstruction_threshold=threshold, clipping_range=clip,
-            max_weight=float(cfg.batch_size), timeout=float(flower["round-timeout"])))
+        workflow = DefaultWorkflow(fit_workflow=_Workflow(
+            strategy, num_shares=shares, reconstruction_threshold=threshold,
+            clipping_range=clip, max_weight=float(cfg.batch_size),
+            timeout=float(flower["round-timeout"])))
         workflow(grid, legacy)
+        strategy.settle_halted()  # the last round, if it halted
         result = run_log.close(fed, strategy.metrics)
         print(f"baffle-summary: {result.summary}", flush=True)
 
@@ -241,7 +296,20 @@ class _BaffleNumPyClient(NumPyClient):
         if self.tamper is not None:
             u = self.tamper(self.client, u)
         assert u.diffs is not None
-        return [(u.diffs.double() / fed.config.sigma).numpy()], u.num_examples, {}
+        scaled = u.diffs.double() / fed.config.sigma
+        check_clip(scaled, u.num_examples, config)
+        return [scaled.numpy()], u.num_examples, {}
+
+
+def check_clip(u: torch.Tensor, n: int, config: dict[str, Scalar]) -> None:
+    """``ConfigError`` if SecAgg+ would clip ``u``: the mod scales it by n / max_weight
+    and clips to [-c, c], which would bias the sum without a word."""
+    c = float(config["secagg-clip"])
+    top = float(u.abs().max()) * n / float(config["secagg-max-weight"])
+    if top > c:
+        raise ConfigError(f"this client's |d / sigma| reaches {top:.4g}, beyond the SecAgg+ "
+                          f"clipping range {c:.4g}: restart the server with run-config "
+                          f"secagg-clip >= {2 * top:.3g}")
 
 
 def make_secagg_client_app(overrides: dict[str, Any] | None = None,
@@ -253,7 +321,8 @@ def make_secagg_client_app(overrides: dict[str, Any] | None = None,
     cache: dict[str, Federation] = {}
 
     def client_fn(context: Context) -> Any:
-        cfg, _ = config_from_run_config({**dict(context.run_config), **(overrides or {})})
+        raw = {**dict(context.run_config), **(overrides or {})}
+        cfg, _ = config_from_run_config({k: v for k, v in raw.items() if k not in SECAGG_KEYS})
         key = repr(cfg)
         if key not in cache:
             cache[key] = setup(cfg)
