@@ -254,6 +254,21 @@ def test_a_clientapp_process_computes_its_upload_without_the_slow_imports():
     assert out.stdout.split() == []
 
 
+def test_a_node_builds_no_ema_shadow_or_guide_state_and_computes_the_same_upload():
+    from baffle.flower.client_app import _federation
+    from baffle.simulator import client_round, setup
+
+    values = {"dataset": "digits", "clients": 2, "K": 4, "ema": True, "guide-dims": 2,
+              "guide-history": 3, "guide-images": 64}
+    node = _federation(json.dumps(values))
+    server = setup(from_dict({k.replace("-", "_"): v for k, v in values.items()}))
+    assert server.server.ema is not None and server.server.guide is not None  # as built
+    assert node.server.ema is None and node.server.guide is None and node.public is None
+    a, _ = client_round(node, 1, 0, 0.03, 7, None)
+    b, _ = client_round(server, 1, 0, 0.03, 7, None)
+    assert torch.equal(a.diffs, b.diffs)
+
+
 def test_a_node_without_a_valid_partition_id_gets_one_line_saying_so():
     from baffle.errors import ConfigError
     from baffle.flower.client_app import node_client

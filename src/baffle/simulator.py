@@ -107,8 +107,13 @@ def setup(
     model: nn.Module | None = None,
     loss_fn: LossFn | None = None,
     data: DataBundle | None = None,
+    node: bool = False,
 ) -> Federation:
-    """Load data, split it, build the model and the server state from the config."""
+    """Load data, split it, build the model and the server state from the config.
+
+    ``node``: for a Flower node, which only computes uploads: no EMA shadow (a model-sized
+    copy an edge device would carry for nothing) and none of the server's guide state or
+    labelled images."""
     data = data or load_dataset(config.dataset, config.data_dir or None, config.download)
     val_per_class = data.val_per_class if config.val_per_class < 0 else config.val_per_class
     split = partition(config.split, data.train.y.numpy(), config.clients, config.seed,
@@ -121,7 +126,7 @@ def setup(
     model = model.to(config.device)
     optimizer = optimizer_factory(config.optimizer, trainable_params(model).values(),
                                   config.lr, config.betas, config.momentum, config.weight_decay)
-    ema = EMA.of(model, config.ema_decay) if config.ema else None
+    ema = EMA.of(model, config.ema_decay) if config.ema and not node else None
     sizes = [len(c) for c in split.clients]
     if config.round_mode == "fedsgd":  # an epoch ends when the smallest client runs out
         rounds_per_epoch = max(1, min(sizes) // config.batch_size)
@@ -131,13 +136,14 @@ def setup(
     val = data.train.subset(split.val) if len(split.val) else None
     dirs = direction_scheme(config, model)
     public = None
-    if config.guide_dims:
+    if config.guide_dims and not node:
         if len(split.val) < config.guide_images:
             raise ConfigError(f"--guide-images {config.guide_images} asks for more held-out "
                               f"images than the validation split has ({len(split.val)}): "
                               "lower it or raise --val-per-class")
         public = data.train.subset(split.val[:config.guide_images])
-    server = Server(model, optimizer, ema, guide=GuideState() if config.guide_dims else None)
+    guide = GuideState() if config.guide_dims and not node else None
+    server = Server(model, optimizer, ema, guide=guide)
     return Federation(config, data, split.clients, val, server, loss_fn or F.cross_entropy,
                       EstimatorSpec(config.K, config.sigma, config.scheme), dirs,
                       rounds_per_epoch, total, public=public)

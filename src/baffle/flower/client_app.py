@@ -62,7 +62,7 @@ log = logging.getLogger("baffle.flower")
 @functools.lru_cache(maxsize=2)
 def _federation(run_config_json: str) -> Federation:
     cfg, _ = config_from_run_config(json.loads(run_config_json))
-    return setup(cfg)
+    return setup(cfg, node=True)
 
 
 def node_client(node_config: Mapping[str, Any], clients: int) -> int:

@@ -325,7 +325,7 @@ def make_secagg_client_app(overrides: dict[str, Any] | None = None,
         cfg, _ = config_from_run_config({k: v for k, v in raw.items() if k not in SECAGG_KEYS})
         key = repr(cfg)
         if key not in cache:
-            cache[key] = setup(cfg)
+            cache[key] = setup(cfg, node=True)
         return _BaffleNumPyClient(cache[key], int(context.node_config["partition-id"]),
                                   context, tamper).to_client()
 
