@@ -16,6 +16,8 @@ waits for the run to finish, prints its status and the ServerApp's ``baffle-summ
 line, stops everything, and exits 0 only if the run completed. ``--simulation`` starts a
 simulation-mode SuperLink instead (virtual SuperNodes, ``num-supernodes``); ``--certs``
 takes the folder written by ``scripts/flower-certs.sh`` and switches TLS on.
+``--secure-aggregation`` runs a copy of the app (in ``DIR/secagg-app``) whose components
+are the SecAgg+ apps of ``baffle.flower.secagg``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,31 @@ FLOWER_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
 DEFAULT_APP = Path(baffle.__file__).resolve().parents[2] / "flower-app"
+
+
+# the SecAgg+ apps' own run-config keys (0: the default, see secagg.make_secagg_server_app)
+SECAGG_CONFIG = {"secagg-shares": 0, "secagg-threshold": 0, "secagg-clip": 0.0}
+
+
+def secure_app(app: str | Path, dest: str | Path) -> Path:
+    """A copy of the Flower app folder ``app`` in ``dest`` whose components are the SecAgg+
+    apps (``baffle.flower.secagg``) and whose run config also lists ``SECAGG_CONFIG``
+    (Flower only overrides keys the app lists)."""
+    src, out = Path(app), Path(dest)
+    text = (src / "pyproject.toml").read_text()
+    swaps = {'"baffle.flower.server_app:app"': '"baffle.flower.secagg:server_app"',
+             '"baffle.flower.client_app:app"': '"baffle.flower.secagg:client_app"'}
+    header = "[tool.flwr.app.config]\n"
+    if header not in text or not all(k in text for k in swaps):
+        raise ValueError(f"{src / 'pyproject.toml'} is not a baffle Flower app: it needs the "
+                         f"components {', '.join(swaps)} and a {header.strip()} table")
+    for plain, secure in swaps.items():
+        text = text.replace(plain, secure)
+    extra = "".join(f"{k} = {v!r}\n" for k, v in SECAGG_CONFIG.items())
+    text = text.replace(header, header + "# SecAgg+ (0: default)\n" + extra, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pyproject.toml").write_text(text)
+    return out
 
 
 def free_port() -> int:
@@ -472,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for the run")
     ap.add_argument("--count-bytes", action="store_true",
                     help="relay each SuperNode through a byte counter and print the totals")
+    ap.add_argument("--secure-aggregation", action="store_true",
+                    help="run the app's SecAgg+ variant (baffle.flower.secagg; run-config "
+                    "secagg-shares, secagg-threshold, secagg-clip; FedSGD, one seed per round)")
     ap.add_argument("--state-dir", help="SuperNode i keeps its local optimizer states "
                     "(client-optimizer keep) in STATE_DIR/node-i, across restarts")
     a = ap.parse_args(argv)
@@ -492,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(a: argparse.Namespace) -> int:
+    if a.secure_aggregation:
+        a.app = str(secure_app(a.app, Path(a.dir) / "secagg-app"))
     with LocalFlower(a.dir, a.supernodes, a.certs, a.simulation, a.count_bytes,
                      a.state_dir) as fl:
         where = f"{'https' if fl.tls else 'http'}://{HOST}:{fl.port}"

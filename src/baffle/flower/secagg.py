@@ -88,6 +88,19 @@ def check_secagg_config(fed: Federation) -> None:
                           "--seed-sharing round (the server may only learn the mean K-vector)")
 
 
+def check_protocol(clients: int, shares: int, threshold: int) -> None:
+    """``ConfigError`` unless SecAgg+ can run: at least 3 clients (of 2, each could take its
+    own vector from the sum and read the other's), 3 <= shares <= clients (Flower's lower
+    bound) and 2 <= threshold <= shares."""
+    if clients < 3:
+        raise ConfigError(f"secure aggregation needs at least 3 clients (got {clients}): with "
+                          "2, each could subtract its own vector from the sum")
+    if not 3 <= shares <= clients:
+        raise ConfigError(f"secagg-shares must be 3..{clients} (the clients), got {shares}")
+    if not 2 <= threshold <= shares:
+        raise ConfigError(f"secagg-threshold must be 2..{shares} (the shares), got {threshold}")
+
+
 @torch.no_grad()
 def calibrate_clip(fed: Federation, batches: int = 4) -> float:
     """c = CLIP_MARGIN x max |d / sigma| on a few server-side validation (or test) batches."""
@@ -237,9 +250,9 @@ class SecAggBaffleStrategy(Strategy):
 
 
 def make_secagg_server_app(overrides: dict[str, Any] | None = None) -> ServerApp:
-    """ServerApp running SecAgg+ rounds. Run-config extras: ``secagg-shares`` (default: all
-    clients), ``secagg-threshold`` (default: 2/3 of the shares), ``secagg-clip`` (default:
-    calibrated, ``calibrate_clip``), ``round-timeout``."""
+    """ServerApp running SecAgg+ rounds. Run-config extras (absent or 0: the default):
+    ``secagg-shares`` (all clients), ``secagg-threshold`` (2/3 of the shares, at least 2),
+    ``secagg-clip`` (calibrated, ``calibrate_clip``); and ``round-timeout``."""
     app = ServerApp()
 
     @app.main()
@@ -251,13 +264,15 @@ def make_secagg_server_app(overrides: dict[str, Any] | None = None) -> ServerApp
         fed = setup(cfg)
         check_secagg_config(fed)
         start, metrics = run_log.open(fed, bool(flower["resume"]))
-        clip = float(extras["secagg-clip"]) if "secagg-clip" in extras else calibrate_clip(fed)
-        if not clip > 0:
-            raise ConfigError(f"secagg-clip must be > 0 (got {clip}): the largest |d / sigma| "
-                              "SecAgg+ can sum; leave it out to calibrate it")
+        shares, threshold, clip = (extras.get(k, 0) for k in SECAGG_KEYS)
+        if not (float(clip) >= 0 and int(shares) >= 0 and int(threshold) >= 0):
+            raise ConfigError(f"secagg-shares, secagg-threshold and secagg-clip must be >= 0 "
+                              f"(0: the default), got {shares}, {threshold}, {clip}")
+        clip = float(clip) or calibrate_clip(fed)
         strategy = SecAggBaffleStrategy(fed, run_log, start, metrics, clip)
-        shares = int(extras.get("secagg-shares", cfg.clients))
-        threshold = int(extras.get("secagg-threshold", max(2, (2 * shares + 2) // 3)))
+        shares = int(shares) or cfg.clients
+        threshold = int(threshold) or max(2, (2 * shares + 2) // 3)
+        check_protocol(cfg.clients, shares, threshold)
         log.info("SecAgg+: %d shares, threshold %d, clipping range %.4g, max_weight %d",
                  shares, threshold, clip, cfg.batch_size)
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=fed.total_rounds - start),
