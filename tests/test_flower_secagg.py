@@ -30,7 +30,9 @@ GUIDED = {"clients": 4, "K": 6, "rounds": 6, "optimizer": "sgd", "lr": 0.05, "si
 
 
 def _config(values=CFG):
-    return from_dict({k.replace("-", "_"): v for k, v in values.items()})
+    """The TrainConfig of a run config (less the Flower-only and SecAgg+ keys)."""
+    skip = {"resume", "secagg-clip"}
+    return from_dict({k.replace("-", "_"): v for k, v in values.items() if k not in skip})
 
 
 def _run(tmp_path, mode, values=CFG):
@@ -119,6 +121,22 @@ def test_secagg_sends_the_basis_once_and_trains_as_plaintext_does(tmp_path):
     _train_one_thread(unguided, tmp_path / "unguided")
     assert _update_gap(run, tmp_path / "ref", GUIDED) < 1e-3
     assert _update_gap(run, tmp_path / "unguided", unguided) > 0.1
+
+
+def test_a_resumed_secagg_server_resends_the_basis_and_trains_on(tmp_path):
+    """A server stopped after round 3 (its basis sent) and resumed by a new Flower run: its
+    new nodes hold nothing, so round 4 sends the basis to all four; the weights are the
+    uninterrupted plaintext run's up to the quantization."""
+    for rounds, resume in ((4, False), (6, True)):
+        run, rows, plain = _run(tmp_path, "secagg", {**GUIDED, "rounds": rounds,
+                                                     "resume": resume})
+    assert [r["round"] for r in rows] == list(range(6))
+    _check_aggregates(rows, plain, [[0, 1, 2, 3]] * 6, GUIDED)
+    basis, base = _basis_and_plain_bytes()
+    assert [r["bytes_down_per_client"] for r in rows] == \
+        [base, base, base, base + basis, base + basis, base]
+    _train_one_thread(GUIDED, tmp_path / "ref")
+    assert _update_gap(run, tmp_path / "ref", GUIDED) < 1e-3
 
 
 def test_a_secagg_node_that_lost_the_basis_drops_out_once_and_is_sent_it_again(tmp_path):
