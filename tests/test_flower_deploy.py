@@ -380,3 +380,20 @@ def test_a_secagg_protocol_flower_would_refuse_gets_one_line(clients, shares, th
         check_protocol(clients, shares, threshold)
     assert "\n" not in str(e.value)
     check_protocol(4, 3, 2)  # and a valid one passes
+
+
+def test_secagg_run_config_defaults_and_bad_values():
+    pytest.importorskip("flwr")
+    from baffle.errors import ConfigError
+    from baffle.flower.secagg import protocol_settings
+
+    assert protocol_settings({}, 4) == (4, 3, 0.0)  # all shares, 2/3 of them, calibrate
+    assert protocol_settings({"secagg-shares": 0, "secagg-threshold": 0, "secagg-clip": 0.0},
+                             7) == (7, 5, 0.0)
+    assert protocol_settings({"secagg-shares": 5, "secagg-clip": 2.5}, 9) == (5, 4, 2.5)
+    for bad, match in (({"secagg-clip": -1.0}, "secagg-clip must be >= 0"),
+                       ({"secagg-shares": "many"}, "must be integers"),
+                       ({"secagg-shares": 2}, "secagg-shares must be 3..4")):
+        with pytest.raises(ConfigError, match=match) as e:
+            protocol_settings(bad, 4)
+        assert "\n" not in str(e.value)

@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
-from flwr.app import Array, ArrayRecord
 from flwr.common import (
     Context,
     FitIns,
@@ -86,6 +86,25 @@ def check_secagg_config(fed: Federation) -> None:
     if not (c.is_baffle and c.round_mode == "fedsgd" and c.seed_sharing == "round"):
         raise ConfigError("secure aggregation needs --method baffle --mode fedsgd "
                           "--seed-sharing round (the server may only learn the mean K-vector)")
+
+
+def protocol_settings(extras: dict[str, Any], clients: int) -> tuple[int, int, float]:
+    """(shares, threshold, clip) from the ``SECAGG_KEYS`` run-config values, absent or 0
+    meaning the default: all clients, 2/3 of the shares (at least 2), and clip 0 (to be
+    calibrated); ``ConfigError`` for a value SecAgg+ cannot use."""
+    shares, threshold, clip = (extras.get(k, 0) for k in SECAGG_KEYS)
+    try:
+        shares, threshold, clip = int(shares), int(threshold), float(clip)
+    except (TypeError, ValueError):
+        raise ConfigError(f"secagg-shares and secagg-threshold must be integers and "
+                          f"secagg-clip a number, got {shares!r}, {threshold!r}, {clip!r}"
+                          ) from None
+    if not clip >= 0:
+        raise ConfigError(f"secagg-clip must be >= 0 (0: calibrate it), got {clip}")
+    shares = shares or clients
+    threshold = threshold or max(2, (2 * shares + 2) // 3)
+    check_protocol(clients, shares, threshold)
+    return shares, threshold, clip
 
 
 def check_protocol(clients: int, shares: int, threshold: int) -> None:
@@ -260,19 +279,13 @@ def make_secagg_server_app(overrides: dict[str, Any] | None = None) -> ServerApp
         raw = {**dict(context.run_config), **(overrides or {})}
         extras = {k: raw.pop(k) for k in SECAGG_KEYS if k in raw}
         cfg, flower = config_from_run_config(raw)
+        shares, threshold, clip = protocol_settings(extras, cfg.clients)
         run_log = RunLog(flower["run-dir"] or None)
         fed = setup(cfg)
         check_secagg_config(fed)
         start, metrics = run_log.open(fed, bool(flower["resume"]))
-        shares, threshold, clip = (extras.get(k, 0) for k in SECAGG_KEYS)
-        if not (float(clip) >= 0 and int(shares) >= 0 and int(threshold) >= 0):
-            raise ConfigError(f"secagg-shares, secagg-threshold and secagg-clip must be >= 0 "
-                              f"(0: the default), got {shares}, {threshold}, {clip}")
-        clip = float(clip) or calibrate_clip(fed)
+        clip = clip or calibrate_clip(fed)
         strategy = SecAggBaffleStrategy(fed, run_log, start, metrics, clip)
-        shares = int(shares) or cfg.clients
-        threshold = int(threshold) or max(2, (2 * shares + 2) // 3)
-        check_protocol(cfg.clients, shares, threshold)
         log.info("SecAgg+: %d shares, threshold %d, clipping range %.4g, max_weight %d",
                  shares, threshold, clip, cfg.batch_size)
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=fed.total_rounds - start),
