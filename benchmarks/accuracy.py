@@ -495,6 +495,7 @@ def report(records: dict[tuple[str, str], dict[str, Any]], epochs: int) -> None:
         "gradients with the estimate's noise drawn around them) at Adam lr 4e-2, and only "
         "with what BAFFLE does not assume, labelled data and backprop on the server. The "
         "library now runs it (`--guide-dims 50`): " + guided_progress(records) + "."
+        + round_guided_progress(records)
         + "\n\nRuns (`BAFFLE_ACC_RUNS=NAME python -m benchmarks.run accuracy` resumes one "
         "that stopped short, from `runs/accuracy/NAME` or else from the state the last "
         "machine to train it committed in `benchmarks/results/accuracy/carry/NAME`, unless "
@@ -512,6 +513,27 @@ PROXY_GUIDED = ("estimate guided by the server's backprop on 5,000 held-out imag
 PROXY_RESULTS = ROOT / "benchmarks" / "results" / "subspace.json"
 
 
+def curve_words(name: str, on: str, rec: dict[str, Any]) -> str:
+    """A run's test top-1 after each whole epoch, in words."""
+    pts = [p for p in rec["curve"] if float(p[0]).is_integer()]
+    return (f"{name} on {on} has finished {rec['curve'][-1][0]:.1f} epochs, "
+            + ", ".join(f"{p[2]:.2f}%" for p in pts) + " after epochs "
+            + ", ".join(f"{p[0]:.0f}" for p in pts))
+
+
+ROUND_GUIDED = "baffle-fedsgd-round-guided50"
+
+
+def round_guided_progress(records: dict[tuple[str, str], dict[str, Any]]) -> str:
+    """The guided recipe with one seed per round (secure aggregation's setting), in words."""
+    runs = [(n, on, rec) for (n, on), rec in records.items() if n == ROUND_GUIDED]
+    if not runs:
+        return ""
+    return (" With one seed per round, the setting secure aggregation can sum (K = 100 "
+            "directions a step in the span instead of C*K = 1,000): "
+            + "; ".join(curve_words(*run) for run in runs) + ".")
+
+
 def guided_progress(records: dict[tuple[str, str], dict[str, Any]]) -> str:
     """How far the library's run of the guided recipe got, in words."""
     runs = [(n, on, rec) for (n, on), rec in records.items()
@@ -524,9 +546,7 @@ def guided_progress(records: dict[tuple[str, str], dict[str, Any]]) -> str:
 
     def one(name: str, on: str, rec: dict[str, Any]) -> str:
         pts = [p for p in rec["curve"] if float(p[0]).is_integer()]
-        text = (f"{name} on {on} has finished {rec['curve'][-1][0]:.1f} epochs, "
-                + ", ".join(f"{p[2]:.2f}%" for p in pts) + " after epochs "
-                + ", ".join(f"{p[0]:.0f}" for p in pts))
+        text = curve_words(name, on, rec)
         span = min((len(c) for c in proxy), default=0)  # the proxy trained 10 epochs
         within = [p for p in pts if int(p[0]) <= span]
         if within:
