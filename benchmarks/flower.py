@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from baffle import TrainConfig, train
-from baffle.flower.launch import LocalFlower
+from baffle.flower.launch import DEFAULT_APP, LocalFlower, secure_app
 from baffle.rundir import RunDir
 from benchmarks.common import ROOT, table, write_section
 
@@ -41,11 +41,12 @@ def in_process(cfg: dict[str, Any]) -> float:
     return per_round(res.metrics)
 
 
-def on_flower(cfg: dict[str, Any], simulation: bool, work: Path) -> dict[str, Any]:
+def on_flower(cfg: dict[str, Any], simulation: bool, work: Path,
+              app: Path = DEFAULT_APP) -> dict[str, Any]:
     run_dir = work / "run"
     with LocalFlower(work, supernodes=cfg["clients"], simulation=simulation,
                      count_bytes=not simulation) as fl:
-        run_id = fl.submit(run_config={**cfg, "run-dir": str(run_dir)})
+        run_id = fl.submit(app, run_config={**cfg, "run-dir": str(run_dir)})
         status = fl.wait(run_id, timeout=900)
         counts = [c.counts() for c in fl.counters]
     if status["status"] != "finished:completed":
@@ -60,6 +61,24 @@ def on_flower(cfg: dict[str, Any], simulation: bool, work: Path) -> dict[str, An
         out["tcp_up"] = statistics.mean(u for u, _ in counts) / n
         out["tcp_down"] = statistics.mean(d for _, d in counts) / n
     return out
+
+
+# SecAgg+ deployed: it needs 3 clients at least
+SECURE = {**BASE, "clients": 3, "K": 20, "rounds": 3}
+
+
+def secagg_deployed(work: Path) -> list[list[str]]:
+    """Plain and SecAgg+ rounds (unguided and guided) on one loopback deployment each."""
+    app = secure_app(DEFAULT_APP, work / "secagg-app")
+    rows = []
+    for i, (name, extra, use) in enumerate([("plain", {}, DEFAULT_APP),
+                                            ("SecAgg+", {}, app),
+                                            ("SecAgg+, guide-dims 2", GUIDED, app)]):
+        dep = on_flower({**SECURE, **extra}, simulation=False, work=work / f"sa{i}", app=use)
+        rows.append([name, f"{dep['s_per_round']:.2f}",
+                     f"{dep['payload_up']:,.0f} / {dep['payload_down']:,.0f}",
+                     f"{dep['tcp_up']:,.0f} / {dep['tcp_down']:,.0f}"])
+    return rows
 
 
 def secagg_accuracy(work: Path) -> list[list[str]]:
@@ -155,6 +174,7 @@ def main() -> None:
                          f"{dep['payload_up']:,.0f} / {dep['payload_down']:,.0f}",
                          f"{dep['tcp_up']:,.0f} / {dep['tcp_down']:,.0f}"])
         sec = secagg_accuracy(work)
+        secure = secagg_deployed(work)
     body = (
         f"LeNet on digits, {BASE['clients']} clients, {BASE['rounds']} rounds, lr "
         f"{BASE['lr']}; deployment = one SuperLink and {BASE['clients']} SuperNodes on "
@@ -184,6 +204,15 @@ def main() -> None:
                  "whole process, spawn to exit"], starts) + "\n\n"
         "Final accuracy with and without SecAgg+, same seeds (digits, 4 clients, K=50, "
         "24 rounds, lr 0.03):\n\n" + table(["aggregation", "test top-1 %", "quantization"], sec)
+        + "\n\nSecAgg+ on a loopback deployment (`launch run --secure-aggregation`; "
+        f"{SECURE['clients']} SuperNodes, K={SECURE['K']}, {SECURE['rounds']} rounds, the "
+        "rest as above): each round is four Flower exchanges (keys, shares, masked vectors, "
+        "unmasking), each a new ClientApp process on every node; the payload column counts "
+        "the K values and the basis, not the protocol's keys, shares and masked integers, "
+        "which the TCP column includes. The guided row's basis goes to each node once, "
+        f"in round {GUIDED['guide-refresh']}.\n\n"
+        + table(["aggregation", "deployment s/round", "payload up / down B per round",
+                 "TCP up / down B per round"], secure)
     )
     write_section("flower", "Flower: round time, fixed latency, bytes on the wire, SecAgg+",
                   body)
