@@ -315,17 +315,16 @@ def test_flwr_run_on_the_simulation_engine(tmp_path):
     assert not [p for p in started if _alive(p)]
 
 
-def test_the_secure_app_is_the_app_with_the_secagg_components_and_keys():
+def test_the_secure_app_is_the_app_with_the_secagg_components_and_keys(tmp_path):
     pytest.importorskip("flwr")
-    from baffle.flower.launch import SECAGG_CONFIG, secure_app
-    from baffle.flower.secagg import SECAGG_KEYS
+    from baffle.flower.launch import secure_app
 
-    out = secure_app(APP, Path(str(pytest.importorskip("tempfile").mkdtemp())) / "app")
+    out = secure_app(APP, tmp_path / "app")
     flwr = tomllib.loads((out / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert flwr["components"] == {"serverapp": "baffle.flower.secagg:server_app",
                                   "clientapp": "baffle.flower.secagg:client_app"}
-    assert set(SECAGG_CONFIG) == set(SECAGG_KEYS)
-    assert flwr["config"] == {**app_config(), **SECAGG_CONFIG}
+    assert flwr["config"] == {**app_config(), "secagg-shares": 0, "secagg-threshold": 0,
+                              "secagg-clip": 0.0}
 
 
 @needs_flower

@@ -55,14 +55,12 @@ FLOWER_ENV = {
 DEFAULT_APP = Path(baffle.__file__).resolve().parents[2] / "flower-app"
 
 
-# the SecAgg+ apps' own run-config keys (0: the default, see secagg.make_secagg_server_app)
-SECAGG_CONFIG = {"secagg-shares": 0, "secagg-threshold": 0, "secagg-clip": 0.0}
-
-
 def secure_app(app: str | Path, dest: str | Path) -> Path:
     """A copy of the Flower app folder ``app`` in ``dest`` whose components are the SecAgg+
-    apps (``baffle.flower.secagg``) and whose run config also lists ``SECAGG_CONFIG``
-    (Flower only overrides keys the app lists)."""
+    apps (``baffle.flower.secagg``) and whose run config also lists their keys, at their
+    defaults (Flower only overrides keys the app lists)."""
+    from baffle.flower.secagg import SECAGG_DEFAULTS
+
     src, out = Path(app), Path(dest)
     text = (src / "pyproject.toml").read_text()
     swaps = {'"baffle.flower.server_app:app"': '"baffle.flower.secagg:server_app"',
@@ -73,7 +71,7 @@ def secure_app(app: str | Path, dest: str | Path) -> Path:
                          f"components {', '.join(swaps)} and a {header.strip()} table")
     for plain, secure in swaps.items():
         text = text.replace(plain, secure)
-    extra = "".join(f"{k} = {v!r}\n" for k, v in SECAGG_CONFIG.items())
+    extra = "".join(f"{k} = {v!r}\n" for k, v in SECAGG_DEFAULTS.items())
     text = text.replace(header, header + "# SecAgg+ (0: default)\n" + extra, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pyproject.toml").write_text(text)

@@ -77,8 +77,11 @@ from baffle.simulator import (
 
 log = logging.getLogger("baffle.flower")
 CLIP_MARGIN = 4.0
-# the server's run-config extras; a client ignores them (one run config serves both apps)
-SECAGG_KEYS = ("secagg-shares", "secagg-threshold", "secagg-clip")
+# the server's run-config extras, 0 meaning the default (``protocol_settings``); a client
+# ignores them (one run config serves both apps)
+SECAGG_DEFAULTS: dict[str, int | float] = {"secagg-shares": 0, "secagg-threshold": 0,
+                                           "secagg-clip": 0.0}
+SECAGG_KEYS = tuple(SECAGG_DEFAULTS)
 
 
 def check_secagg_config(fed: Federation) -> None:
@@ -92,7 +95,7 @@ def protocol_settings(extras: dict[str, Any], clients: int) -> tuple[int, int, f
     """(shares, threshold, clip) from the ``SECAGG_KEYS`` run-config values, absent or 0
     meaning the default: all clients, 2/3 of the shares (at least 2), and clip 0 (to be
     calibrated); ``ConfigError`` for a value SecAgg+ cannot use."""
-    shares, threshold, clip = (extras.get(k, 0) for k in SECAGG_KEYS)
+    shares, threshold, clip = ({**SECAGG_DEFAULTS, **extras}[k] for k in SECAGG_KEYS)
     try:
         shares, threshold, clip = int(shares), int(threshold), float(clip)
     except (TypeError, ValueError):
@@ -229,12 +232,16 @@ class SecAggBaffleStrategy(Strategy):
         if basis is not None and answered:  # the mean over the senders, as for plain rounds
             got = len(p["sent-basis"] & set(answered))
             record["bytes_down_per_client"] += 4 * fed.n_params * basis.dims * got / len(answered)
-        record.update({"secagg_clients": len(results), "secagg_clip": self.clip,
-                       "aggregate": uploads[0].diffs.tolist() if uploads else None})
-        self.metrics.append(record)
-        self.run_log.round_done(fed, record)
-        self._pending, self._halt_errors = {}, []
+        self._log(record, len(results), uploads[0].diffs.tolist() if uploads else None)
         return ndarrays_to_parameters(_weights(fed)), {}
+
+    def _log(self, record: dict[str, Any], summed: int, aggregate: list[float] | None) -> None:
+        """Log a finished (or halted) round and clear it."""
+        record.update({"secagg_clients": summed, "secagg_clip": self.clip,
+                       "aggregate": aggregate})
+        self.metrics.append(record)
+        self.run_log.round_done(self.fed, record)
+        self._pending, self._halt_errors = {}, []
 
     def halted(self, failures: list[Any]) -> None:
         """Called by the workflow when a stage leaves too few nodes: its errors so far."""
@@ -250,10 +257,7 @@ class SecAggBaffleStrategy(Strategy):
         why = f"SecAgg+ halted: fewer nodes than its threshold answered ({errors})"[:300]
         fails = [{"client": f"node {n}", "reason": why} for n in p["sampled"]]
         record = finish_round(fed, p["round"], p["lr"], p["sampled"], [], fails, p["started"])
-        record.update({"secagg_clients": 0, "secagg_clip": self.clip, "aggregate": None})
-        self.metrics.append(record)
-        self.run_log.round_done(fed, record)
-        self._pending, self._halt_errors = {}, []
+        self._log(record, 0, None)
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[Any]:
