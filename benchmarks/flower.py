@@ -56,6 +56,10 @@ def on_flower(cfg: dict[str, Any], simulation: bool, work: Path,
                            "payload_up": statistics.mean(r["bytes_up_per_client"] for r in rows),
                            "payload_down": statistics.mean(r["bytes_down_per_client"]
                                                            for r in rows)}
+    if all("protocol_bytes_up_per_client" in r for r in rows):  # SecAgg+ rounds
+        out["protocol_up"], out["protocol_down"] = (
+            statistics.mean(r[f"protocol_bytes_{way}_per_client"] for r in rows)
+            for way in ("up", "down"))
     if counts:
         n = len(rows)
         out["tcp_up"] = statistics.mean(u for u, _ in counts) / n
@@ -75,8 +79,10 @@ def secagg_deployed(work: Path) -> list[list[str]]:
                                             ("SecAgg+", {}, app),
                                             ("SecAgg+, guide-dims 2", GUIDED, app)]):
         dep = on_flower({**SECURE, **extra}, simulation=False, work=work / f"sa{i}", app=use)
+        protocol = (f"{dep['protocol_up']:,.0f} / {dep['protocol_down']:,.0f}"
+                    if "protocol_up" in dep else "-")
         rows.append([name, f"{dep['s_per_round']:.2f}",
-                     f"{dep['payload_up']:,.0f} / {dep['payload_down']:,.0f}",
+                     f"{dep['payload_up']:,.0f} / {dep['payload_down']:,.0f}", protocol,
                      f"{dep['tcp_up']:,.0f} / {dep['tcp_down']:,.0f}"])
     return rows
 
@@ -207,12 +213,17 @@ def main() -> None:
         + "\n\nSecAgg+ on a loopback deployment (`launch run --secure-aggregation`; "
         f"{SECURE['clients']} SuperNodes, K={SECURE['K']}, {SECURE['rounds']} rounds, the "
         "rest as above): each round is four Flower exchanges (keys, shares, masked vectors, "
-        "unmasking), each a new ClientApp process on every node; the payload column counts "
-        "the K values and the basis, not the protocol's keys, shares and masked integers, "
-        "which the TCP column includes. The guided row's basis goes to each node once, "
-        f"in round {GUIDED['guide-refresh']}.\n\n"
+        "unmasking), each a new ClientApp process on every node. The payload column counts "
+        "what BAFFLE itself needs (the K values; the weights and the basis), the next one "
+        "every SecAgg+ message's content as Flower serializes it (keys, encrypted shares, "
+        "the masked integer vector and the unmasking shares up; the fit instructions, the "
+        "other nodes' keys and shares down; `protocol_bytes_up_per_client` and "
+        "`protocol_bytes_down_per_client` in the run's metrics), and the TCP column adds "
+        "the message metadata, HTTP framing and polling. The guided row's basis goes to each "
+        f"node once, in round {GUIDED['guide-refresh']}.\n\n"
         + table(["aggregation", "deployment s/round", "payload up / down B per round",
-                 "TCP up / down B per round"], secure)
+                 "SecAgg+ messages up / down B per round", "TCP up / down B per round"],
+                secure)
     )
     write_section("flower", "Flower: round time, fixed latency, bytes on the wire, SecAgg+",
                   body)

@@ -229,7 +229,8 @@ def train_curve(data: DataBundle, m: int | None, exact: bool, epochs: int = EPOC
                 k: int = K, limit: int | None = None, track: bool = False,
                 lr: float = 1e-2, guide: Guide | None = None,
                 capture: list[float] | None = None, seed: int = 0,
-                record: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[float]:
+                record: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                shared: bool = False) -> list[float]:
     """Test top-1 after each epoch. ``m`` None: directions move every weight; else the
     count sketch with m buckets a tensor. ``exact``: step on the mean of the clients' exact
     (projected, with ``m`` or ``guide``) gradients instead of the estimate. ``track``: step
@@ -239,7 +240,12 @@ def train_curve(data: DataBundle, m: int | None, exact: bool, epochs: int = EPOC
     batch gradient g.
     ``limit`` caps the rounds an epoch (for tests); ``lr`` is Adam's before the cuts;
     ``seed`` moves the initial weights, the directions and the batch order. ``record`` gets,
-    each round, the step's direction (flat) and the round's mean batch gradient."""
+    each round, the step's direction (flat) and the round's mean batch gradient. ``shared``:
+    one seed per round, every client the same K directions; the estimates are linear in the
+    gradient, so their mean is one estimate of the clients' mean gradient (K directions a
+    step instead of C*K)."""
+    if shared and track:
+        raise ValueError("the tracked estimate has no one-seed-per-round form here")
     model = lenet(seed)
     params = list(model.parameters())
     sizes = [p.numel() for p in params]
@@ -254,6 +260,19 @@ def train_curve(data: DataBundle, m: int | None, exact: bool, epochs: int = EPOC
     curve, tracked = [], torch.zeros(sum(sizes))
     history: list[torch.Tensor] = []
     basis, step, public = None, 0, np.random.default_rng(6 + 10 * seed)
+
+    def one(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The estimate (or exact step) from one gradient: a client's, or the round's mean."""
+        flat = torch.cat(grads)
+        if track:
+            return list((CLIENTS * track_step(grads, tracked, k, draws)).split(sizes))
+        if basis is not None:
+            return list((basis @ (basis.T @ flat) if exact else guided_estimate(
+                flat, basis, k, guide.share, draws)).split(sizes))
+        if exact:
+            return sketch.expand(sketch.project(grads)) if sketch else grads
+        return estimate(grads, sketch, k, draws)
+
     for _ in range(epochs):
         shuffled = [order.permutation(c) for c in split.clients]
         for r in range(rounds):
@@ -262,19 +281,12 @@ def train_curve(data: DataBundle, m: int | None, exact: bool, epochs: int = EPOC
             for c in shuffled:
                 idx = torch.as_tensor(c[r * BATCH:(r + 1) * BATCH])
                 grads = batch_grads(model, data.train.x[idx], data.train.y[idx])
-                flat = torch.cat(grads)
-                mean_grad += flat / CLIENTS
-                if track:
-                    est = list((CLIENTS * track_step(grads, tracked, k, draws)).split(sizes))
-                elif basis is not None:
-                    est = list((basis @ (basis.T @ flat) if exact else guided_estimate(
-                        flat, basis, k, guide.share, draws)).split(sizes))
-                elif exact:
-                    est = sketch.expand(sketch.project(grads)) if sketch else grads
-                else:
-                    est = estimate(grads, sketch, k, draws)
-                for t, e in zip(total, est):
-                    t += e / CLIENTS
+                mean_grad += torch.cat(grads) / CLIENTS
+                if not shared:
+                    for t, e in zip(total, one(grads)):
+                        t += e / CLIENTS
+            if shared:
+                total = [e.clone() for e in one(list(mean_grad.split(sizes)))]
             if track:
                 tracked += torch.cat(total)
                 total = list(tracked.split(sizes))
@@ -423,6 +435,7 @@ class Row:
     lr: float = 1e-2
     guide: Guide | None = None
     seed: int = 0
+    shared: bool = False
 
 
 GUIDE = Guide(dims=50, history=100)
@@ -465,6 +478,11 @@ SWEPT = {(lr, seed): f"{public_label(PUBLIC[2])}, lr {lr_text(lr)}"
 EVERY_LRS = {(lr, seed): f"estimate, directions move every weight, lr {lr_text(lr)}"
              + (f", seed {seed}" if seed else "")
              for lr, seeds in ((2e-2, (0, *SEEDS)), (4e-2, (0,))) for seed in seeds}
+# the best guided row with one seed per round (what secure aggregation can sum): K = 100
+# directions a step in the span instead of C*K = 1,000, at its own lr and lower ones
+ROUND_LRS = (4e-2, 2e-2, 1e-2, 5e-3)
+ROUND_SEEDED = {lr: f"{public_label(PUBLIC[2])}, one seed per round, lr {lr_text(lr)}"
+                for lr in ROUND_LRS}
 
 # each recipe run with more than one seed: seed -> row
 GROUPS = [{0: base if BASES[base] else EVERY, **{s: RESEEDED[base, s] for s in SEEDS}}
@@ -484,6 +502,7 @@ ROWS = {
     **{label: Row(guide=BASES[base], seed=seed) for (base, seed), label in RESEEDED.items()},
     **{label: Row(guide=PUBLIC[2], lr=lr, seed=seed) for (lr, seed), label in SWEPT.items()},
     **{label: Row(lr=lr, seed=seed) for (lr, seed), label in EVERY_LRS.items()},
+    **{label: Row(guide=PUBLIC[2], lr=lr, shared=True) for lr, label in ROUND_SEEDED.items()},
     "exact gradient (backprop), every weight": Row(exact=True),
     "exact gradient projected on the m = 2000 subspace": Row(m=2000, exact=True),
     GUIDED_EXACT: Row(exact=True, guide=GUIDE),
@@ -611,7 +630,7 @@ def row_result(data: DataBundle, label: str) -> dict[str, object]:
     row = ROWS[label]
     start, capture = time.perf_counter(), []
     curve = train_curve(data, row.m, row.exact, track=row.track, lr=row.lr, guide=row.guide,
-                        capture=capture, seed=row.seed)
+                        capture=capture, seed=row.seed, shared=row.shared)
     return {"curve": curve, "seconds": time.perf_counter() - start, "machine": machine(),
             **({"capture": capture} if row.guide else {})}
 

@@ -771,6 +771,31 @@ def test_guided_run_projects_only_once_it_has_the_history():
     assert all(0 < c <= 1 + 1e-6 for c in capture)  # cos(U U^T g, g) = |U^T g| / |g|
 
 
+def test_one_seed_per_round_is_one_estimate_of_the_mean_gradient():
+    """``shared``: the step is one estimate of the clients' mean batch gradient, from the
+    run's first draws (exact), so |g_hat|^2 / |g|^2 follows one estimate's
+    E = (d + k + 1) / k (statistics); with the clients' own directions the steps differ."""
+    from baffle.data.registry import load_dataset
+    from benchmarks.subspace import WEIGHTS, estimate, train_curve
+
+    data = load_dataset("digits")
+    k, shared, own = 50, [], []
+    train_curve(data, None, False, epochs=2, k=k, limit=3, record=shared, shared=True)
+    train_curve(data, None, False, epochs=2, k=k, limit=3, record=own)
+    step, grad = shared[0]
+    draws = torch.Generator().manual_seed(2)  # the run's generator at seed 0
+    assert torch.allclose(step, torch.cat(estimate([grad], None, k, draws)), atol=1e-6)
+
+    def ratio(record):
+        return sum(float((s.norm() / g.norm()) ** 2) for s, g in record) / len(record)
+
+    expected = (WEIGHTS + k + 1) / k
+    assert 0.7 * expected < ratio(shared) < 1.3 * expected
+    assert not torch.allclose(own[0][0], step)
+    with pytest.raises(ValueError, match="one-seed-per-round"):
+        train_curve(data, None, False, epochs=1, limit=1, track=True, shared=True)
+
+
 def test_smoothed_is_the_running_average():
     """Exactness: m_t = beta m_{t-1} + (1 - beta) x_t from m_{-1} = 0, worked by hand."""
     from benchmarks.subspace import smoothed

@@ -330,40 +330,57 @@ def test_the_secure_app_is_the_app_with_the_secagg_components_and_keys(tmp_path)
 @needs_flower
 @pytest.mark.slow
 def test_secure_aggregation_deploys_in_one_command_and_trains_like_plaintext(tmp_path):
-    """``launch run --secure-aggregation``: a SuperLink and 3 SuperNodes on 127.0.0.1 run
-    the SecAgg+ apps; the three masked vectors are summed every round and the weights are
-    plaintext's up to the quantization (the simulation's test measures 0.14%)."""
+    """``launch run --secure-aggregation`` with --guide-dims: a SuperLink and 3 SuperNodes
+    on 127.0.0.1 run the SecAgg+ apps; the three masked vectors are summed every round,
+    the basis reaches each node once (round 2) inside its fit instructions, and the weights
+    are plaintext's up to the quantization (sigma 1e-2, as in the simulation's guided test,
+    which measures 4-6e-5), far from those of a run that never guides."""
     from baffle import train
     from baffle.flower.wire import config_from_run_config
     from baffle.simulator import setup
 
     run_dir = tmp_path / "run"
-    overrides = {"clients": 3, "K": 10, "rounds": 2, "optimizer": "sgd", "lr": 0.05,
-                 "run-dir": str(run_dir), "round-timeout": 120.0}
+    overrides = {"clients": 3, "K": 10, "rounds": 3, "optimizer": "sgd", "lr": 0.05,
+                 "sigma": 1e-2, "guide-dims": 2, "guide-history": 2, "guide-refresh": 2,
+                 "guide-images": 100, "run-dir": str(run_dir), "round-timeout": 120.0}
     from baffle.flower.launch import toml_args
 
     r = subprocess.run([sys.executable, "-m", "baffle.flower.launch", "run", "--dir",
                         str(tmp_path / "flower"), "--supernodes", "3", "--secure-aggregation",
-                        "--timeout", "300", "--run-config", toml_args(overrides)],
-                       capture_output=True, text=True, timeout=420)
+                        "--timeout", "400", "--run-config", toml_args(overrides)],
+                       capture_output=True, text=True, timeout=520)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "finished:completed" in r.stdout and "baffle-summary:" in r.stdout
     got = rows(run_dir)
-    assert [(x["secagg_clients"], x["accepted"], x["rejected"]) for x in got] == [(3, 1, 0)] * 2
+    assert [(x["secagg_clients"], x["accepted"], x["rejected"]) for x in got] == [(3, 1, 0)] * 3
 
-    cfg, _ = config_from_run_config({**app_config(), **overrides, "run-dir": ""})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the one-thread ClientApp processes ran
-    try:
-        ref = train(cfg, run_dir=tmp_path / "ref")
-    finally:
-        torch.set_num_threads(threads)
+    def reference(values):
+        cfg, _ = config_from_run_config({**app_config(), **values, "run-dir": ""})
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the one-thread ClientApp processes ran
+        try:
+            return cfg, train(cfg, run_dir=tmp_path / f"ref{values['guide-dims']}")
+        finally:
+            torch.set_num_threads(threads)
+
+    cfg, ref = reference(overrides)
+    _, unguided = reference({**overrides, "guide-dims": 0})
+    down = [x["bytes_down_per_client"] for x in got]
+    assert down == [x["bytes_down_per_client"] for x in ref.metrics]
+    basis = 4 * setup(cfg).n_params * 2
+    assert down[2] - down[1] == basis
+    proto = [x["protocol_bytes_down_per_client"] for x in got]  # the same U in the messages
+    assert 0 < proto[2] - proto[1] - basis < 300, (proto, basis)
+
     w0 = setup(cfg).server.model.state_dict()
-    secure = torch.load(run_dir / "checkpoint.pt", weights_only=False)["server"]["model"]
-    plain = torch.load(ref.run_dir / "checkpoint.pt", weights_only=False)["server"]["model"]
-    d_sec = torch.cat([(secure[k] - w0[k]).flatten() for k in w0])
-    d_pln = torch.cat([(plain[k] - w0[k]).flatten() for k in w0])
-    assert float((d_sec - d_pln).norm() / d_pln.norm()) < 0.01
+
+    def update(run):
+        final = torch.load(run / "checkpoint.pt", weights_only=False)["server"]["model"]
+        return torch.cat([(final[k] - w0[k]).flatten() for k in w0])
+
+    d_sec, d_pln, d_ung = update(run_dir), update(ref.run_dir), update(unguided.run_dir)
+    assert float((d_sec - d_pln).norm() / d_pln.norm()) < 1e-3
+    assert float((d_ung - d_pln).norm() / d_pln.norm()) > 0.1
 
 
 @pytest.mark.parametrize("clients,shares,threshold,match", [

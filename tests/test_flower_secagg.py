@@ -87,6 +87,12 @@ def test_secagg_matches_plaintext_within_quantization(tmp_path):
     run, rows, plain = _run(tmp_path, "secagg")
     _check_aggregates(rows, plain, [[0, 1, 2, 3]] * 2)
     assert [len(r["aggregate"]) for r in rows] == [r["K"] for r in rows] == [6, 4]
+    # the protocol's own messages: K 4 -> 6 adds two int64 entries to the masked vector
+    # upload, and the download holds the fit instructions (weights) and more
+    up = [r["protocol_bytes_up_per_client"] for r in rows]
+    assert up[0] - up[1] == 8 * (6 - 4)
+    assert all(r["protocol_bytes_up_per_client"] > 10 * r["bytes_up_per_client"] for r in rows)
+    assert all(r["protocol_bytes_down_per_client"] > r["bytes_down_per_client"] for r in rows)
     _train_one_thread(CFG, tmp_path / "ref")
     # Round 0's weights differ only by the quantization error (~1e-9). From round 1 on,
     # that moves each loss by ~1 float32 ulp (2.4e-7 at L~2.3), which is ~0.5% of a
@@ -114,6 +120,9 @@ def test_secagg_sends_the_basis_once_and_trains_as_plaintext_does(tmp_path):
     down = [base, base, base, base + basis, base, base]
     assert [r["bytes_down_per_client"] for r in rows] == down
     assert [r["bytes_down_per_client"] for r in ref.metrics] == down  # as plaintext counts
+    # the protocol's messages carry it too: the basis array (with its .npy header) in round 3
+    proto = [r["protocol_bytes_down_per_client"] for r in rows]
+    assert 0 < proto[3] - proto[2] - basis < 300, (proto, basis)
     # Rounds 3-5 step along the basis. Measured: the secure run's update is 4-6e-5 of its
     # size away from the plaintext run's, and 0.49 away from that of a run that never
     # guides, which is where a server rebuilding in another span than the nodes' would be.

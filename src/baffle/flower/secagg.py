@@ -13,6 +13,9 @@ quantizer would clip a larger |u| silently, so a client whose scaled |u| exceeds
 its fit in one line instead (naming the ``secagg-clip`` run-config value that fixes it).
 A round that SecAgg+ halts (fewer nodes left than its threshold) is logged as a failed
 round with the model unchanged, like a plaintext round without enough uploads.
+The round's metrics also count every SecAgg+ message's serialized content by node
+(``protocol_bytes_up_per_client`` / ``_down_``, means over the nodes that answered): the
+protocol's keys, shares and masked integers beside the K values it sums.
 Only ``--method baffle --mode fedsgd --seed-sharing round`` can be aggregated this way.
 
 With ``--guide-dims`` the server also sends its latest basis U to each node not known to
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -40,11 +43,13 @@ from flwr.common import (
     Context,
     FitIns,
     FitRes,
+    Message,
     Parameters,
     Scalar,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.serde import recorddict_to_proto
 from flwr.server import ServerApp, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -152,13 +157,48 @@ def _error(failure: Any) -> str:
     return error_line(getattr(failure.args[0], "reason", failure) if failure.args else failure)
 
 
+def content_bytes(message: Message) -> int:
+    """The serialized size of a message's content (its RecordDict as protobuf): the
+    payload Flower carries, without the message's metadata and the transport's framing."""
+    return 0 if message.has_error() else recorddict_to_proto(message.content).ByteSize()
+
+
+class _CountingGrid:
+    """A grid that adds each message's ``content_bytes`` to ``up`` / ``down`` by node."""
+
+    def __init__(self, grid: Grid, up: dict[int, int], down: dict[int, int]) -> None:
+        self._grid, self.up, self.down = grid, up, down
+
+    def send_and_receive(self, messages: Iterable[Message], *args: Any, **kwargs: Any
+                         ) -> Iterable[Message]:
+        messages = list(messages)
+        for m in messages:
+            node = m.metadata.dst_node_id
+            self.down[node] = self.down.get(node, 0) + content_bytes(m)
+        replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
+        for m in replies:
+            node = m.metadata.src_node_id
+            self.up[node] = self.up.get(node, 0) + content_bytes(m)
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 class _Workflow(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow, telling the strategy why a round halts (every stage ends
-    in ``_check_threshold``; without this hook the round is still logged, with no reason)."""
+    in ``_check_threshold``; without this hook the round is still logged, with no reason),
+    and counting the bytes of its four exchanges by node (``SecAggBaffleStrategy.sent``,
+    ``.received``)."""
 
     def __init__(self, strategy: SecAggBaffleStrategy, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.strategy = strategy
+
+    def __call__(self, grid: Grid, context: Any) -> None:
+        s = self.strategy
+        s.received, s.sent = {}, {}
+        super().__call__(_CountingGrid(grid, s.received, s.sent), context)
 
     def _check_threshold(self, state: Any) -> bool:
         ok = super()._check_threshold(state)
@@ -178,6 +218,9 @@ class SecAggBaffleStrategy(Strategy):
         self.holders = BasisHolders()  # --guide-dims: who holds the latest basis
         self._pending: dict[str, Any] = {}  # the round between configure and aggregate
         self._halt_errors: list[Any] = []
+        # the round's SecAgg+ messages, content bytes by node (filled by ``_Workflow``)
+        self.sent: dict[int, int] = {}
+        self.received: dict[int, int] = {}
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters(_weights(self.fed))
@@ -232,6 +275,11 @@ class SecAggBaffleStrategy(Strategy):
         if basis is not None and answered:  # the mean over the senders, as for plain rounds
             got = len(p["sent-basis"] & set(answered))
             record["bytes_down_per_client"] += 4 * fed.n_params * basis.dims * got / len(answered)
+        if answered:  # everything the protocol carried, per node that answered
+            record["protocol_bytes_up_per_client"] = float(
+                np.mean([self.received.get(n, 0) for n in answered]))
+            record["protocol_bytes_down_per_client"] = float(
+                np.mean([self.sent.get(n, 0) for n in answered]))
         self._log(record, len(results), uploads[0].diffs.tolist() if uploads else None)
         return ndarrays_to_parameters(_weights(fed)), {}
 
