@@ -27,6 +27,7 @@ from baffle.data import (
     load_dataset,
     random_crop_flip,
 )
+from baffle.data import cifar as cifar_module
 from baffle.data import digits as digits_module
 from baffle.data import mnist as mnist_module
 from baffle.data.cifar import download_cifar
@@ -508,6 +509,38 @@ def test_cifar_reads_pickles_that_name_numpy_core(tmp_path: Path) -> None:
     assert isinstance(data, np.ndarray)
     red = torch.tensor(data[:, :1024].reshape(4, 32, 32) / 255.0, dtype=torch.float32)
     torch.testing.assert_close(bundle.train.x[4:8, 0], (red - 0.4914) / 0.2470)
+
+
+def test_cifar_is_decoded_once_then_mapped_and_a_changed_file_is_read_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first load writes the normalized arrays to the decoded-data cache; a new
+    process (the in-process cache cleared) maps them bit for bit without unpickling; a
+    file replaced afterwards changes the key, so it is read, and a corrupt one refused."""
+    batches = write_cifar10(tmp_path / "data")
+    monkeypatch.setenv("BAFFLE_DECODED_CACHE", str(tmp_path / "c"))
+    cifar_module._load.cache_clear()
+    first = load_dataset("cifar10", tmp_path / "data")
+    (entry,) = (tmp_path / "c").iterdir()
+    assert entry.name.startswith("cifar10-") and (entry / "complete.json").is_file()
+    unpickle = cifar_module._unpickle
+
+    def no_unpickle(data: bytes, where: str) -> dict[bytes, object]:
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(cifar_module, "_unpickle", no_unpickle)
+    cifar_module._load.cache_clear()
+    again = load_dataset("cifar10", tmp_path / "data")
+    assert _same(again, first) and again.train.x.shape == (20, 3, 32, 32)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    torch.testing.assert_close(again.test.x, expected_images([batches["test_batch"]], mean, std))
+
+    monkeypatch.setattr(cifar_module, "_unpickle", unpickle)
+    path = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:100])  # cut short: a new stamp, so read again
+    cifar_module._load.cache_clear()
+    with pytest.raises(DataError, match="data_batch_3"):
+        load_dataset("cifar10", tmp_path / "data")
+    cifar_module._load.cache_clear()
 
 
 def test_cifar10_tarball_equals_folder(tmp_path: Path) -> None:

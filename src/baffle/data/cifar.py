@@ -2,6 +2,9 @@
 
 Images are normalized with the usual per-channel mean/std; training batches get pad-4
 random crops and horizontal flips (``random_crop_flip``), as in the authors' code.
+The normalized arrays are built once per machine and memory-mapped by later processes
+(``baffle.data.cache``; a CIFAR-10 entry is 703 MiB), as a Flower node's process per
+message needs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from baffle.data.cache import cached_arrays
 from baffle.data.dataset import ArrayDataset, DataBundle, download_file, file_digest, one_line
 from baffle.errors import DataError
 
@@ -190,22 +194,30 @@ def _stamp(spec: CifarSpec, source: Path, is_archive: bool) -> tuple[tuple[int, 
     return tuple((st.st_size, st.st_mtime_ns) for st in (p.stat() for p in paths))
 
 
+def _decoded(spec: CifarSpec, source: Path, is_archive: bool) -> dict[str, np.ndarray]:
+    """The normalized float32 images and int64 labels of the train and test files."""
+    names = (*spec.train_files, spec.test_file)
+    raw = _read_tar(source, spec.folder, names) if is_archive else _read_folder(source, names)
+    decoded = {n: _decode(_unpickle(raw[n], f"{source}/{n}"), spec, f"{source}/{n}") for n in names}
+    test_x, test_y = decoded[spec.test_file]
+    return {"train_x": _normalize(np.concatenate([decoded[n][0] for n in spec.train_files]),
+                                  spec).numpy(),
+            "train_y": np.concatenate([decoded[n][1] for n in spec.train_files]),
+            "test_x": _normalize(test_x, spec).numpy(), "test_y": test_y}
+
+
 @lru_cache(maxsize=2)
 def _load(
     spec: CifarSpec, source: Path, is_archive: bool, stamp: tuple[tuple[int, int], ...]
 ) -> DataBundle:
-    """Read, decode and normalize; ``stamp`` keys the cache to the files' state."""
-    del stamp
-    names = (*spec.train_files, spec.test_file)
-    raw = _read_tar(source, spec.folder, names) if is_archive else _read_folder(source, names)
-    decoded = {n: _decode(_unpickle(raw[n], f"{source}/{n}"), spec, f"{source}/{n}") for n in names}
-    train_x = np.concatenate([decoded[n][0] for n in spec.train_files])
-    train_y = np.concatenate([decoded[n][1] for n in spec.train_files])
-    test_x, test_y = decoded[spec.test_file]
+    """Read, decode and normalize, once per machine (``baffle.data.cache``); ``stamp``
+    keys both caches to the files' state."""
+    a = cached_arrays(spec.name, (str(source), is_archive, stamp, spec.mean, spec.std,
+                                  torch.__version__), lambda: _decoded(spec, source, is_archive))
     return DataBundle(
         name=spec.name,
-        train=ArrayDataset(_normalize(train_x, spec), torch.from_numpy(train_y)),
-        test=ArrayDataset(_normalize(test_x, spec), torch.from_numpy(test_y)),
+        train=ArrayDataset(torch.from_numpy(a["train_x"]), torch.from_numpy(a["train_y"])),
+        test=ArrayDataset(torch.from_numpy(a["test_x"]), torch.from_numpy(a["test_y"])),
         num_classes=spec.num_classes,
         in_channels=3,
         image_size=IMAGE_SIZE,
