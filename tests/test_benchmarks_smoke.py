@@ -879,8 +879,8 @@ def test_subspace_library_row_trains_with_the_library_and_resumes(tmp_path):
 
 
 def test_subspace_reading_states_the_target_met_or_not():
-    from benchmarks.subspace import (EVERY, EVERY_LRS, LIBRARY, PUBLIC, RESEEDED, ROWS, SWEPT,
-                                     TARGET, public_label, reading)
+    from benchmarks.subspace import (EVERY, EVERY_LRS, LIBRARY, PUBLIC, RESEEDED, ROUND_SEEDED,
+                                     ROWS, SWEPT, TARGET, public_label, reading)
 
     align = [[0, "9.8", 2000, "3,130", "0.187", "0.186", "0.391", "0.486"]]
     below = {label: {"curve": [50.0, TARGET - 1], "capture": [0.25, 0.75]} for label in ROWS}
@@ -896,6 +896,12 @@ def test_subspace_reading_states_the_target_met_or_not():
                            f"passes is reached by: {list(ROWS)[1]}.")
     assert "is better aligned" in text and "no better" not in text
     assert "seed 1" not in text.split("\n")[0]
+    # the one-seed-per-round rows, with the best lr named and the target short or reached
+    text = reading(dict(below, **{ROUND_SEEDED[1e-2]: {"curve": [50.0, 95.1]}}), align)
+    assert "95.10% (best 95.10%) at lr 1e-2;" in text
+    assert f"best at 1e-2, and short of {TARGET}%" in text
+    assert f"best at 2e-2, and reaching {TARGET}%" in reading(
+        dict(below, **{ROUND_SEEDED[2e-2]: {"curve": [TARGET, 99.0]}}), align)
     twin = public_label(PUBLIC[2])
     guided = {label: {"curve": [50.0, TARGET], "capture": [0.5]}
               for label in [twin, RESEEDED[twin, 1], RESEEDED[twin, 2]]}
