@@ -897,11 +897,11 @@ def test_subspace_reading_states_the_target_met_or_not():
     assert "is better aligned" in text and "no better" not in text
     assert "seed 1" not in text.split("\n")[0]
     # the one-seed-per-round rows, with the best lr named and the target short or reached
-    text = reading(dict(below, **{ROUND_SEEDED[1e-2]: {"curve": [50.0, 95.1]}}), align)
-    assert "95.10% (best 95.10%) at lr 1e-2;" in text
-    assert f"best at 1e-2, and short of {TARGET}%" in text
-    assert f"best at 2e-2, and reaching {TARGET}%" in reading(
-        dict(below, **{ROUND_SEEDED[2e-2]: {"curve": [TARGET, 99.0]}}), align)
+    text = reading(dict(below, **{ROUND_SEEDED[50, 1e-2]: {"curve": [50.0, 95.1]}}), align)
+    assert "95.10% (best 95.10%) with r = 50, lr 1e-2;" in text
+    assert f"best with r = 50, lr 1e-2, and short of {TARGET}%" in text
+    assert f"best with r = 20, lr 1e-2, and reaching {TARGET}%" in reading(
+        dict(below, **{ROUND_SEEDED[20, 1e-2]: {"curve": [TARGET, 99.0]}}), align)
     twin = public_label(PUBLIC[2])
     guided = {label: {"curve": [50.0, TARGET], "capture": [0.5]}
               for label in [twin, RESEEDED[twin, 1], RESEEDED[twin, 2]]}
