@@ -286,7 +286,7 @@ def train_curve(data: DataBundle, m: int | None, exact: bool, epochs: int = EPOC
                     for t, e in zip(total, one(grads)):
                         t += e / CLIENTS
             if shared:
-                total = [e.clone() for e in one(list(mean_grad.split(sizes)))]
+                total = one(list(mean_grad.split(sizes)))  # not changed in place below
             if track:
                 tracked += torch.cat(total)
                 total = list(tracked.split(sizes))
