@@ -128,6 +128,17 @@ RUNS: dict[str, dict[str, Any]] = {
     "baffle-fedsgd-round-guided50-lr1e-2": dict(mode="fedsgd", seed_sharing="round",
                                                 guide_dims=50, lr=1e-2, lr_milestones=(5, 8),
                                                 lr_gamma=0.2, ema=False),
+    # the same run with the server solving for the span's 50 coordinates by least squares
+    # (--guide-solve) instead of averaging: with K > r its only errors are the finite
+    # difference's and the clients' batches
+    "baffle-fedsgd-round-guided50-solve": dict(mode="fedsgd", seed_sharing="round",
+                                               guide_dims=50, guide_solve=True, lr=1e-2,
+                                               lr_milestones=(5, 8), lr_gamma=0.2, ema=False),
+    # and with 60 directions a step instead of 100 (61 forward passes)
+    "baffle-fedsgd-round-guided50-solve-k60": dict(mode="fedsgd", seed_sharing="round",
+                                                   guide_dims=50, guide_solve=True, K=60,
+                                                   lr=1e-2, lr_milestones=(5, 8),
+                                                   lr_gamma=0.2, ema=False),
     "bp-fedsgd": dict(method="bp-fedsgd"),
     "bp-fedavg": dict(method="bp-fedavg"),
 }
@@ -177,6 +188,10 @@ WHY = {  # what each run asks, printed beside its command
     "baffle-fedsgd-round-guided50-lr1e-2": "the guided recipe with one seed per round at a "
                                            "quarter of the lr (1e-2, cut x0.2 at epochs 5 "
                                            "and 8)",
+    "baffle-fedsgd-round-guided50-solve": "the one-seed-per-round guided recipe at lr 1e-2 "
+                                          "with the server's least-squares rebuild in the "
+                                          "span (--guide-solve)",
+    "baffle-fedsgd-round-guided50-solve-k60": "the same with K = 60 directions a step",
     "bp-fedsgd": "backprop, one step per round",
     "bp-fedavg": "backprop, one local epoch per round",
 }

@@ -72,10 +72,10 @@ def _train_one_thread(values, run_dir):
         torch.set_num_threads(threads)
 
 
-def _update_gap(run, ref, values):
+def _update_gap(run, ref, values, start=None):
     """|secure update - plaintext update| / |plaintext update|, both from the initial
-    weights, for the runs in folders ``run`` and ``ref``."""
-    w0 = setup(_config(values)).server.model.state_dict()
+    weights (or the state dict ``start``), for the runs in folders ``run`` and ``ref``."""
+    w0 = start if start is not None else setup(_config(values)).server.model.state_dict()
     secure = torch.load(run / "checkpoint.pt", weights_only=False)["server"]["model"]
     plain = torch.load(ref / "checkpoint.pt", weights_only=False)["server"]["model"]
     d_sec = torch.cat([(secure[k] - w0[k]).flatten() for k in w0])
@@ -130,6 +130,25 @@ def test_secagg_sends_the_basis_once_and_trains_as_plaintext_does(tmp_path):
     _train_one_thread(unguided, tmp_path / "unguided")
     assert _update_gap(run, tmp_path / "ref", GUIDED) < 1e-3
     assert _update_gap(run, tmp_path / "unguided", unguided) > 0.1
+
+
+def test_secagg_sums_what_a_least_squares_rebuild_needs(tmp_path):
+    """--guide-solve: the server fits the span's coordinates to the summed scalars, as a
+    plaintext run fits them to the plain mean (K = 6 measurements, r = 2 coordinates).
+    No momentum, so that rounds 3-5 move by their own (guided) gradients alone."""
+    mean = {**GUIDED, "momentum": 0.0}
+    solving = {**mean, "guide-solve": True}
+    run, rows, plain = _run(tmp_path, "secagg", solving)
+    _check_aggregates(rows, plain, [[0, 1, 2, 3]] * 6, solving)
+    _train_one_thread(solving, tmp_path / "ref")
+    _train_one_thread(mean, tmp_path / "mean")
+    _train_one_thread({**mean, "rounds": 3}, tmp_path / "start")
+    start = torch.load(tmp_path / "start" / "checkpoint.pt", weights_only=False)["server"]["model"]
+    # Measured over rounds 3-5 (from round 3's plaintext weights, so the quantization's
+    # trace on rounds 0-2 counts too): the secure update is 0.4% of its size from the
+    # plaintext solve's, and 63% from that of the plaintext run that averages instead
+    assert _update_gap(run, tmp_path / "ref", solving, start) < 0.02
+    assert _update_gap(run, tmp_path / "mean", mean, start) > 0.3
 
 
 def test_a_resumed_secagg_server_resends_the_basis_and_trains_on(tmp_path):

@@ -74,6 +74,9 @@ HELP = {
                      "download)",
     "guide_images": "with --guide-dims: the server's labelled images, the first N of the "
                     "validation split (its val metrics then include them)",
+    "guide_solve": "with --guide-dims: the server rebuilds the gradient's part in the span "
+                   "by least squares over the K measurements (exact for K > r as sigma -> 0) "
+                   "instead of their Monte Carlo mean (true/false; needs K > --guide-dims)",
     "epochs": "training length in epochs (a FedSGD epoch = the smallest client's batches)",
     "rounds": "training length in rounds (overrides --epochs)",
     "batch_size": "local mini-batch size",

@@ -69,6 +69,7 @@ class TrainConfig:
     guide_history: int = 100  # H: gradients (one a round) the basis is computed from
     guide_refresh: int = 10  # rounds between new bases
     guide_images: int = 5000  # the server's labelled images: the first N of the val split
+    guide_solve: bool = False  # rebuild c = U^T g by least squares (K > r), not the mean
     # schedule
     epochs: int = 20
     rounds: int = 0  # if > 0, overrides epochs
@@ -178,12 +179,16 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError(f"ema_decay must be in [0, 1) (got {c.ema_decay!r})")
     if c.guide_dims:
         validate_guide(c)
+    elif c.guide_solve:
+        raise ConfigError("--guide-solve rebuilds directions that lie in a basis: set "
+                          "--guide-dims too")
     if c.method != "baffle" and c.mode != "fedsgd" and c.mode != c.round_mode:
         raise ConfigError(f"--mode does not apply to {c.method}; its name fixes the round structure")
 
 
 def validate_guide(c: TrainConfig) -> None:
-    """Guided directions: BAFFLE FedSGD, directions over every weight, H >= r."""
+    """Guided directions: BAFFLE FedSGD, directions over every weight, H >= r, and K > r
+    for a least-squares rebuild."""
     if not c.is_baffle or c.round_mode != "fedsgd":
         raise ConfigError("--guide-dims applies to BAFFLE FedSGD rounds (--method baffle "
                           "--mode fedsgd)")
@@ -193,6 +198,11 @@ def validate_guide(c: TrainConfig) -> None:
     if c.guide_history < c.guide_dims:
         raise ConfigError(f"--guide-history {c.guide_history} holds too few gradients for "
                           f"--guide-dims {c.guide_dims}: use a history >= the dimensions")
+    few = min((c.K, *c.K_values))
+    if c.guide_solve and few <= c.guide_dims:
+        raise ConfigError(f"--guide-solve fits --guide-dims {c.guide_dims} coordinates and an "
+                          f"offset from K measurements, so it needs K > {c.guide_dims} at every "
+                          f"round (got K={few})")
 
 
 def validate_k_schedule(milestones: tuple[int, ...], values: tuple[int, ...]) -> None:

@@ -47,7 +47,9 @@ the column span of an orthonormal ``Basis`` U (d x r) that the server sends (``-
 so eps[s, k, p] = U_p z_k with U_p the rows of U that belong to tensor p, computed one
 direction at a time (the same bits whichever directions are drawn with it). The forward
 estimate then tends, as sigma -> 0, to U (1/K sum z z^T) U^T g: unbiased for U U^T g, the
-gradient's part in the span, with an error that grows with r instead of d.
+gradient's part in the span, with an error that grows with r instead of d. With K > r
+measurements the server may instead solve for the span's r coordinates by least squares
+(``--guide-solve``, ``baffle.reconstruct.solve_in_span``): no sampling error at all.
 
 Two parties agree on directions only if they share ``SCHEME_VERSION``, the sampler, the
 block layout, the basis *and* their torch draws the same numbers on the same generation device.
@@ -349,9 +351,7 @@ def _guided_directions(scheme: DirectionScheme, seed: int, ks: Sequence[int], p:
     """U_p z_k for each k in ``ks``, one matrix-vector product a direction so that a
     direction's bits do not depend on the others drawn with it (an in-place engine
     subtracts exactly what it added, and the server rebuilds the clients' very values)."""
-    assert scheme.basis is not None
-    free = DirectionScheme(scheme.version, scheme.device, sampler=scheme.sampler)
-    z = directions(free, seed, ks, GUIDE_TENSOR, (scheme.basis.dims,))
+    z = guide_coordinates(scheme, seed, ks)
     block = scheme.basis.block(p, z.device)
     if block.shape[0] != math.prod(shape):
         raise ValueError(f"the basis holds {block.shape[0]} weights of tensor {p}, "
@@ -360,6 +360,14 @@ def _guided_directions(scheme: DirectionScheme, seed: int, ks: Sequence[int], p:
     for i in range(len(ks)):
         torch.mv(block, z[i], out=out[i].view(-1))
     return out
+
+
+def guide_coordinates(scheme: DirectionScheme, seed: int, ks: Sequence[int]) -> torch.Tensor:
+    """z_k for each k in ``ks`` (len(ks) x r): guided direction k's coordinates in the basis,
+    eps[s, k] = U z_k. As U is orthonormal, <eps_i, eps_j> = <z_i, z_j>."""
+    assert scheme.basis is not None
+    free = DirectionScheme(scheme.version, scheme.device, sampler=scheme.sampler)
+    return directions(free, seed, ks, GUIDE_TENSOR, (scheme.basis.dims,))
 
 
 def _counter_directions(scheme: DirectionScheme, seed: int, ks: Sequence[int], p: int,

@@ -53,11 +53,14 @@ log = logging.getLogger("baffle.estimator")
 
 @dataclass(frozen=True)
 class EstimatorSpec:
-    """The knobs of one estimate: K directions of scale sigma, forward or central."""
+    """The knobs of one estimate: K directions of scale sigma, forward or central, and how
+    the server rebuilds it from directions in a basis (``solve``: least squares in its
+    span instead of the Monte Carlo mean; ``baffle.reconstruct``)."""
 
     K: int = 100
     sigma: float = 1e-4
     scheme: Scheme = "forward"
+    solve: bool = False
 
     def __post_init__(self) -> None:
         validate_spec(self.K, self.sigma, self.scheme)

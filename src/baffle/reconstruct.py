@@ -8,6 +8,17 @@ By Stein's identity g is unbiased for the gradient of the Gaussian-smoothed loss
 averages over its own K_b directions instead: d_k is weighted by K / K_b(k)
 (``DirectionScheme.weights``). It is linear in d, so the server may average clients'
 scalars first and rebuild once. Nothing but the seed and the scalars is needed.
+
+With every direction in a basis, eps_k = U z_k (``--guide-dims``), the K scalars measure
+the r coordinates c = U^T g of the gradient's part in the span:
+
+    d_k / s = a + z_k^T c + noise,     s = sigma (forward) or 2 sigma (central)
+
+where a absorbs the forward difference's second-order term (sigma/2) eps^T H eps, whose
+mean over directions is (sigma/2) tr(U^T H U). ``spec.solve`` (``--guide-solve``) fits
+(a, c) by least squares and returns g = U c: for K > r and noise-free measurements it is
+U U^T g exactly, where the mean above has an error ~ sqrt((r+1)/K) of it. It is linear in
+d too, so averaging the clients' scalars first still equals averaging their rebuilds.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from baffle.directions import DirectionCache, DirectionScheme
+from baffle.directions import DirectionCache, DirectionScheme, guide_coordinates
 from baffle.engines import drawer
 from baffle.errors import UploadError
 from baffle.estimator import EstimatorSpec
@@ -41,6 +52,9 @@ def rebuild_gradient(
     d = torch.as_tensor(diffs, dtype=torch.float32)
     if d.shape != (spec.K,):
         raise UploadError(f"expected {spec.K} loss differences, got shape {tuple(d.shape)}")
+    if spec.solve and dirs.basis is not None:  # before the first basis: the mean
+        c = solve_in_span(seed, d, spec, dirs).to(device)
+        return [(dirs.basis.block(p, c.device) @ c).view(shape) for p, shape in enumerate(shapes)]
     weights = [dk * w for dk, w in zip(d.tolist(), dirs.weights(spec.K))]
     on_gpu = torch.device(device).type != "cpu"
     w_dev = torch.tensor(weights, device=device) if on_gpu else None
@@ -63,6 +77,21 @@ def rebuild_gradient(
                 g.add_(scan_sum(eps, w).view(shape))
         grads.append(g.mul_(spec.scale))
     return grads
+
+
+def solve_in_span(seed: int, diffs: torch.Tensor, spec: EstimatorSpec,
+                  dirs: DirectionScheme) -> torch.Tensor:
+    """c = U^T g (r,) from K > r scalars: the least-squares fit of d_k / s = a + z_k^T c
+    (float64; the intercept a takes the forward difference's mean curvature term)."""
+    basis = dirs.basis
+    if basis is None or spec.K <= basis.dims:
+        raise ValueError(f"a least-squares rebuild needs directions in a basis and K > r "
+                         f"(K={spec.K}, r={None if basis is None else basis.dims})")
+    z = guide_coordinates(dirs, seed, range(spec.K)).to("cpu", torch.float64)
+    design = torch.cat([torch.ones(spec.K, 1, dtype=torch.float64), z], 1)
+    scaled = diffs.to("cpu", torch.float64) * (spec.K * spec.scale)  # d_k / s
+    fit = torch.linalg.lstsq(design, scaled[:, None]).solution[:, 0]
+    return fit[1:].to(torch.float32)
 
 
 def scan_sum(eps: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -145,8 +145,8 @@ def setup(
     guide = GuideState() if config.guide_dims and not node else None
     server = Server(model, optimizer, ema, guide=guide)
     return Federation(config, data, split.clients, val, server, loss_fn or F.cross_entropy,
-                      EstimatorSpec(config.K, config.sigma, config.scheme), dirs,
-                      rounds_per_epoch, total, public=public)
+                      EstimatorSpec(config.K, config.sigma, config.scheme, config.guide_solve),
+                      dirs, rounds_per_epoch, total, public=public)
 
 
 def initial_model(config: TrainConfig, data: DataBundle) -> nn.Module:
