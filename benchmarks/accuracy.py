@@ -551,11 +551,27 @@ def round_guided_progress(records: dict[tuple[str, str], dict[str, Any]]) -> str
     """The guided recipe with one seed per round (secure aggregation's setting), in words."""
     runs = [(n, on, rec) for (n, on), rec in records.items()
             if n == ROUND_GUIDED or n.startswith(ROUND_GUIDED + "-")]  # its other lrs
-    if not runs:
-        return ""
-    return (" With one seed per round, the setting secure aggregation can sum (K = 100 "
-            "directions a step in the span instead of C*K = 1,000): "
-            + "; ".join(curve_words(*run) for run in runs) + ".")
+    mean = [run for run in runs if not run[2].get("config", {}).get("guide_solve")]
+    solve = [run for run in runs if run[2].get("config", {}).get("guide_solve")]
+    text = ""
+    if mean:
+        text += (" With one seed per round, the setting secure aggregation can sum (K = 100 "
+                 "directions a step in the span instead of C*K = 1,000): "
+                 + "; ".join(curve_words(*run) for run in mean) + ".")
+    if solve:
+        text += (" The same with the server's least-squares rebuild (--guide-solve: K > 50 "
+                 "measurements determine the span's 50 coordinates, so only the finite "
+                 "difference's and the clients' batches' errors remain, where the mean's "
+                 "error is about sqrt(51/K) of the gradient's part in the span): "
+                 + "; ".join(curve_words(*run) + reached(run[2]) for run in solve) + ".")
+    return text
+
+
+def reached(rec: dict[str, Any]) -> str:
+    """Where a run first reached the target, in words ("" if it has not)."""
+    hit = first_reach(rec["curve"], 20)
+    return "" if hit is None else (f" (95.2% first at epoch {hit[0]:.0f}, after "
+                                   f"{hit[1]:,.0f} forward passes per client)")
 
 
 def guided_progress(records: dict[tuple[str, str], dict[str, Any]]) -> str:

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 BENCHMARKS = ("seed_sharing", "passes", "layer_shares", "frozen_layers", "ema_horizon",
-              "subspace", "throughput", "samplers", "memory", "compute_vs_bp", "communication",
+              "subspace", "span_solve", "throughput", "samplers", "memory", "compute_vs_bp", "communication",
               "scaling", "flower", "gpu",
               "accuracy")  # accuracy trains for hours on a CPU: run it last
 
