@@ -139,6 +139,15 @@ RUNS: dict[str, dict[str, Any]] = {
                                                    guide_dims=50, guide_solve=True, K=60,
                                                    lr=1e-2, lr_milestones=(5, 8),
                                                    lr_gamma=0.2, ema=False),
+    # does K = 60's 95.59% at epoch 6 hold with other seeds (split, images, directions)?
+    "baffle-fedsgd-round-guided50-solve-k60-seed1": dict(mode="fedsgd", seed_sharing="round",
+                                                         guide_dims=50, guide_solve=True, K=60,
+                                                         lr=1e-2, lr_milestones=(5, 8),
+                                                         lr_gamma=0.2, ema=False, seed=1),
+    "baffle-fedsgd-round-guided50-solve-k60-seed2": dict(mode="fedsgd", seed_sharing="round",
+                                                         guide_dims=50, guide_solve=True, K=60,
+                                                         lr=1e-2, lr_milestones=(5, 8),
+                                                         lr_gamma=0.2, ema=False, seed=2),
     "bp-fedsgd": dict(method="bp-fedsgd"),
     "bp-fedavg": dict(method="bp-fedavg"),
 }
@@ -192,6 +201,10 @@ WHY = {  # what each run asks, printed beside its command
                                           "with the server's least-squares rebuild in the "
                                           "span (--guide-solve)",
     "baffle-fedsgd-round-guided50-solve-k60": "the same with K = 60 directions a step",
+    "baffle-fedsgd-round-guided50-solve-k60-seed1": "the K = 60 solve with seed 1: another "
+                                                    "split, other held-out images, other "
+                                                    "directions",
+    "baffle-fedsgd-round-guided50-solve-k60-seed2": "the K = 60 solve with seed 2",
     "bp-fedsgd": "backprop, one step per round",
     "bp-fedavg": "backprop, one local epoch per round",
 }
