@@ -49,7 +49,8 @@ direction at a time (the same bits whichever directions are drawn with it). The 
 estimate then tends, as sigma -> 0, to U (1/K sum z z^T) U^T g: unbiased for U U^T g, the
 gradient's part in the span, with an error that grows with r instead of d. With K > r
 measurements the server may instead solve for the span's r coordinates by least squares
-(``--guide-solve``, ``baffle.reconstruct.solve_in_span``): no sampling error at all.
+(``--guide-solve``, ``baffle.reconstruct.solve_in_span``): then which directions were
+drawn no longer adds any error.
 
 Two parties agree on directions only if they share ``SCHEME_VERSION``, the sampler, the
 block layout, the basis *and* their torch draws the same numbers on the same generation device.
