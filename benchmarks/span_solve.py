@@ -18,8 +18,8 @@ difference: float32 rounding of the losses (amplified by the conditioning of the
 design, worst at K = r + 1) and the second-order term around its mean.
 
 The checkpoint is read from ``runs/accuracy/<run>/`` (or its carried copy); the numbers are
-saved to ``benchmarks/results/span_solve.json``, so ``BAFFLE_SPAN_REPORT_ONLY=1`` re-renders
-them without it.
+saved to ``benchmarks/results/span_solve.json``, which is re-rendered where neither is found
+(a fresh clone) or with ``BAFFLE_SPAN_REPORT_ONLY=1``.
 """
 
 from __future__ import annotations
@@ -126,14 +126,14 @@ def reading(saved: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    if not os.environ.get("BAFFLE_SPAN_REPORT_ONLY"):
-        folder = run_folder()
-        if folder is None:
-            sys.exit(f"error: no checkpoint of {RUN}: train it first "
-                     f"(BAFFLE_ACC_RUNS={RUN} python -m benchmarks.run accuracy)")
+    folder = None if os.environ.get("BAFFLE_SPAN_REPORT_ONLY") else run_folder()
+    if folder is not None:
         RESULTS.write_text(json.dumps(measure(folder), indent=1) + "\n")
-    if not RESULTS.exists():
-        sys.exit(f"error: {RESULTS} is missing: run without BAFFLE_SPAN_REPORT_ONLY first")
+    elif not RESULTS.exists():
+        sys.exit(f"error: no checkpoint of {RUN} and no saved numbers: train it first "
+                 f"(BAFFLE_ACC_RUNS={RUN} python -m benchmarks.run accuracy)")
+    else:
+        print(f"span_solve: re-rendering the saved numbers ({RESULTS.name})", file=sys.stderr)
     report(json.loads(RESULTS.read_text()))
 
 
