@@ -975,8 +975,9 @@ def test_flower_start_rows_name_a_missing_comparison_commit_in_one_line(tmp_path
 
 
 def test_span_solve_measures_both_rebuilds_at_a_guided_runs_checkpoint(tmp_path):
-    """A digits run with a basis from round 5; K = 12 > r + 1 = 5: the solve's error about
-    U U^T g is far below the mean's, which is near sqrt((r+1)/K)."""
+    """A digits run with a basis from round 5; K = 24 > r + 1 = 5: the solve's error about
+    U U^T g is far below the mean's, which is near sqrt((r+1)/K) = 0.46 (measured 0.015
+    and 0.38 on a batch of 256)."""
     from baffle import train
     from baffle.config import from_dict
     from benchmarks.span_solve import measure, reading
@@ -984,8 +985,8 @@ def test_span_solve_measures_both_rebuilds_at_a_guided_runs_checkpoint(tmp_path)
     cfg = from_dict(dict(dataset="digits", clients=4, K=10, rounds=7, guide_dims=4,
                          guide_history=6, guide_refresh=5, guide_images=100, ema=False))
     train(cfg, run_dir=tmp_path / "run")
-    saved = measure(tmp_path / "run", ks=(12,), seeds=2, batch=64)
+    saved = measure(tmp_path / "run", ks=(24,), seeds=2, batch=256)
     (row,) = saved["rows"]
     assert saved["round"] == 7 and saved["r"] == 4 and 0 < saved["held"] <= 1
-    assert row["solve"] < 0.05 < 0.3 < row["mean"], row
-    assert "12" in reading(saved)
+    assert row["solve"] < 0.05 and row["mean"] > 0.2, row
+    assert "at K = 24" in reading(saved)
