@@ -318,8 +318,9 @@ def test_a_solving_run_trains_as_the_mean_until_the_first_basis_then_apart(tmp_p
     def weights(key):
         return _flat([p.detach() for p in runs[key].model.parameters()])
     assert torch.equal(weights((False, 5)), weights((True, 5)))
-    # Adam's second moment still holds the dense rounds' far noisier estimates, so the
-    # span's new gradient moves round 5's update only a little (measured 0.65% of it)
+    # Adam's moments still hold the dense rounds' estimates, far longer than the span's
+    # (their error grows with d, not r), so round 5's own gradient moves its update only a
+    # little (measured 0.65% of it)
     step = (weights((False, 6)) - weights((False, 5))).norm()
     assert (weights((False, 6)) - weights((True, 6))).norm() > 1e-3 * step
     saved = from_dict(json.loads((tmp_path / "True-6" / "config.json").read_text()))
