@@ -24,8 +24,9 @@ K = 10 if QUICK else 100
 REPS = 1 if QUICK else 5
 LAYER = "BAFFLE batched (auto chunk), layer directions"
 DELTA = "BAFFLE delta (its chunk, 4 on a CPU)"
+PLAIN_K = f"plain inference, {K + 1} passes"  # as many as the inplace step runs
 MODES = ("BAFFLE batched (auto chunk)", LAYER, "BAFFLE batched, chunk 32", DELTA, "BAFFLE inplace",
-         "BAFFLE sequential", "plain inference", "backprop",
+         "BAFFLE sequential", "plain inference", PLAIN_K, "backprop",
          "backprop + activation checkpointing")
 
 
@@ -56,12 +57,14 @@ def make_step(name: str, mode: str, model: Any, K: int = K, device: str = "cpu"
             engine = {"BAFFLE inplace": "inplace", "BAFFLE sequential": "sequential",
                       "BAFFLE batched, chunk 32": "batched", DELTA: "delta"}.get(mode, "auto")
             loss_differences(model, F.cross_entropy, xb, yb, 3, spec, dirs, engine, 32)
-        elif mode == "plain inference":
+        elif mode in ("plain inference", PLAIN_K):
             with torch.no_grad():
-                F.cross_entropy(model(xb), yb)
+                for _ in range(K + 1 if mode == PLAIN_K else 1):
+                    F.cross_entropy(model(xb), yb)
         elif mode == "backprop":
             F.cross_entropy(model(xb), yb).backward()
-        else:  # checkpoint every top-level stage: only stage boundaries are kept for backward
+        elif mode == "backprop + activation checkpointing":
+            # checkpoint every top-level stage: only stage boundaries are kept for backward
             stages = (list(model.features) + [model.classifier] if name == "lenet"
                       else [model.stem, *model.blocks, model.head, model.classifier])
             h = xb
@@ -69,6 +72,8 @@ def make_step(name: str, mode: str, model: Any, K: int = K, device: str = "cpu"
                 h = checkpoint(s, h, use_reentrant=False) if any(
                     True for _ in s.parameters()) else s(h)
             F.cross_entropy(h, yb).backward()
+        else:
+            raise ValueError(f"no memory step is called {mode!r}")
 
     return step
 
@@ -129,9 +134,12 @@ def main() -> None:
         inp = res["BAFFLE inplace"]
         raw = inp["peak"] / plain["peak"]
         above = (inp["peak"] - inp["base"]) / max(1, plain["peak"] - plain["base"])
+        repeated = res[PLAIN_K]
+        again = (inp["peak"] - inp["base"]) / max(1, repeated["peak"] - repeated["base"])
         verdicts.append(f"- {name}: inplace is {raw:.2f}x plain inference raw "
                         f"({'met' if raw <= 1.2 else 'NOT met'}), {above:.2f}x above baseline "
-                        f"({'met' if above <= 1.2 else 'NOT met'})")
+                        f"({'met' if above <= 1.2 else 'NOT met'}); above baseline it is "
+                        f"{again:.2f}x the same {K + 1} passes of plain inference")
     body = (f"Each row is the median of {REPS} fresh subprocesses (by the peak above "
             f"baseline; run interleaved, {THREADS} thread(s)): peak resident set (VmHWM) "
             "of one client step after the high-water mark is reset at the baseline, which is taken "
@@ -141,7 +149,11 @@ def main() -> None:
             "wide batch costs; `delta` (`--engine delta`) keeps one unperturbed pass's "
             "activations too, and glibc keeps freed blocks of up to 32 MiB mapped "
             "(`steady_heap`); `layer directions` (`--perturb layer`) also keeps every "
-            "activation of one unperturbed pass, so layers below a perturbed one run once.\n\n" + "\n\n".join(sections)
+            "activation of one unperturbed pass, so layers below a perturbed one run once. "
+            f"`plain inference, {K + 1} passes` runs the unperturbed forward as many times as "
+            "the inplace step does (K + 1): the peak of inference repeated, which the "
+            "allocator's reuse of freed blocks lifts above one pass's.\n\n"
+            + "\n\n".join(sections)
             + "\n\nTarget: inplace within 1.2x of plain inference.\n\n" + "\n".join(verdicts))
     write_section("memory", "Memory: peak resident set of one client step", body)
 

@@ -72,14 +72,24 @@ def test_communication_section_goes_to_the_file_it_is_given(tmp_path, monkeypatc
     assert "| lenet | 26,730 | BAFFLE FedSGD | 106,928 | 416 |" in text
 
 
-@pytest.mark.parametrize("mode", ["plain inference", "BAFFLE inplace",
-                                  "BAFFLE delta (its chunk, 4 on a CPU)"])
+@pytest.mark.parametrize("mode", ["plain inference", "plain inference, 11 passes",
+                                  "BAFFLE inplace", "BAFFLE delta (its chunk, 4 on a CPU)"])
 def test_memory_child_reports_a_peak(mode, monkeypatch):
     from benchmarks import memory
 
     monkeypatch.setenv("BAFFLE_BENCH_QUICK", "1")
     r = memory.run_child("lenet", mode)
     assert r["peak"] >= r["base"] > 0
+
+
+def test_memory_refuses_a_step_it_does_not_know():
+    """A misspelt row name fails instead of measuring another step."""
+    from benchmarks.engines_common import make
+    from benchmarks.memory import make_step
+
+    model, x, y = make("lenet")
+    with pytest.raises(ValueError, match="no memory step is called 'plain inferense'"):
+        make_step("lenet", "plain inferense", model)(x[:2], y[:2])
 
 
 def test_memory_rows_take_the_run_with_the_median_peak_above_baseline():
@@ -675,6 +685,52 @@ def test_subspace_sketch_expands_by_P_and_projects_by_its_transpose():
     assert torch.allclose(sketch.project(list(g.split(sizes))), P.T @ g, atol=1e-6)
     whole = count_sketch(sizes, 40, torch.Generator().manual_seed(0))  # room for all: P = I
     assert torch.equal(torch.cat(whole.expand(whole.project(list(g.split(sizes))))), g)
+
+
+def test_mask_sketch_selects_a_share_of_each_large_tensor():
+    """A tensor of more than m entries keeps round(density * n) of them, each its own
+    coordinate (P's columns are distinct unit vectors: P^T P = I); the rest have sign 0,
+    so expand leaves them at 0 and project ignores them; small tensors stay whole."""
+    from benchmarks.subspace import mask_sketch
+
+    sizes, m = [5, 40, 3], 8
+    sketch = mask_sketch(sizes, m, 0.25, torch.Generator().manual_seed(0))
+    assert sketch.dim == 5 + 10 + 3 and sketch.offset == (0, 5, 15)
+    assert torch.equal(sketch.index[0], torch.arange(5)) and int(sketch.sign[1].sum()) == 10
+    P = _dense_sketch(sketch, sizes)
+    assert torch.equal(P.T @ P, torch.eye(sketch.dim))
+    z, g = torch.randn(sketch.dim), torch.randn(sum(sizes))
+    assert torch.equal(torch.cat(sketch.expand(z)), P @ z)
+    kept = torch.cat(sketch.sign).bool()
+    assert torch.equal(torch.cat(sketch.expand(sketch.project(list(g.split(sizes))))),
+                       torch.where(kept, g, torch.zeros_like(g)))
+    other = mask_sketch(sizes, m, 0.25, torch.Generator().manual_seed(1))
+    assert not torch.equal(other.sign[1], sketch.sign[1])  # the generator picks the share
+
+
+def test_masked_run_holds_the_unkept_weights_and_moves_the_kept(monkeypatch):
+    """Exactness: after a masked run (Adam with weight decay, which moves every entry) the
+    weights outside the mask equal their initial values bit for bit; the kept ones moved."""
+    import benchmarks.subspace as sub
+    from baffle.data.registry import load_dataset
+
+    made = []
+
+    def lenet(seed: int = 0):
+        made.append(real(seed))
+        return made[-1]
+
+    real = sub.lenet
+    monkeypatch.setattr(sub, "lenet", lenet)
+    sub.train_curve(load_dataset("digits"), 1000, False, epochs=1, k=6, limit=3, density=0.1)
+    model, start = made[0], real(0)
+    sketch = sub.mask_sketch([p.numel() for p in start.parameters()], 1000, 0.1,
+                             torch.Generator().manual_seed(1))
+    for p, p0, sign in zip(model.parameters(), start.parameters(), sketch.sign):
+        held = (sign == 0).view_as(p)
+        assert torch.equal(p.detach()[held], p0.detach()[held])
+        assert not torch.equal(p.detach()[~held], p0.detach()[~held])
+    assert int(sum(int((s == 0).sum()) for s in sketch.sign)) == round(0.9 * 25_600)
 
 
 def test_subspace_estimates_are_unbiased_for_their_targets():
