@@ -387,8 +387,10 @@ def main() -> None:
             "max-pooling are slower in NCHW); the peak-FLOP/s bound above is the most "
             "any engine that runs every layer of every perturbed pass in float32 could reach. "
             "Layer directions pass it by not running the layers below the perturbed one; the "
-            "delta engine by running each conv's change, twice the conv's FLOPs, in bfloat16, "
-            "where this CPU has AMX.")
+            "delta engine runs each conv's change, twice the conv's FLOPs, in bfloat16, "
+            + ("which passes it on this CPU, which has AMX." if amx() else
+               "which passes it only on a CPU with AMX (see the table above): this one lacks "
+               "it, and there the delta step is slower than auto's."))
     write_section("throughput", "Throughput: perturbed forward passes per second", body)
 
 
