@@ -50,6 +50,16 @@ SAMPLER = os.environ.get("BAFFLE_ACC_SAMPLER", "torch")
 AUTHORS = dict(dataset="mnist", data_dir=MNIST, model="lenet", norm="none",
                activation="hardswish", clients=10, split="iid", K=100, sigma=1e-4,
                scheme="forward", optimizer="adam", lr=1e-2, ema=True, batch_size=32)
+
+
+def round_solve(r: int, K: int, **more: Any) -> dict[str, Any]:
+    """The one-seed-per-round guided recipe with the server's least-squares rebuild
+    (--guide-solve) in the top r directions, K directions a step, Adam lr 1e-2 cut x0.2 at
+    epochs 5 and 8, no EMA."""
+    return dict(mode="fedsgd", seed_sharing="round", guide_dims=r, guide_solve=True, K=K,
+                lr=1e-2, lr_milestones=(5, 8), lr_gamma=0.2, ema=False, **more)
+
+
 RUNS: dict[str, dict[str, Any]] = {
     "baffle-fedsgd-round": dict(mode="fedsgd", seed_sharing="round"),
     "baffle-fedsgd-client": dict(mode="fedsgd", seed_sharing="client"),
@@ -135,31 +145,17 @@ RUNS: dict[str, dict[str, Any]] = {
                                                guide_dims=50, guide_solve=True, lr=1e-2,
                                                lr_milestones=(5, 8), lr_gamma=0.2, ema=False),
     # and with 60 directions a step instead of 100 (61 forward passes)
-    "baffle-fedsgd-round-guided50-solve-k60": dict(mode="fedsgd", seed_sharing="round",
-                                                   guide_dims=50, guide_solve=True, K=60,
-                                                   lr=1e-2, lr_milestones=(5, 8),
-                                                   lr_gamma=0.2, ema=False),
+    "baffle-fedsgd-round-guided50-solve-k60": round_solve(50, 60),
     # does K = 60's 95.59% at epoch 6 hold with other seeds (split, images, directions)?
-    "baffle-fedsgd-round-guided50-solve-k60-seed1": dict(mode="fedsgd", seed_sharing="round",
-                                                         guide_dims=50, guide_solve=True, K=60,
-                                                         lr=1e-2, lr_milestones=(5, 8),
-                                                         lr_gamma=0.2, ema=False, seed=1),
-    "baffle-fedsgd-round-guided50-solve-k60-seed2": dict(mode="fedsgd", seed_sharing="round",
-                                                         guide_dims=50, guide_solve=True, K=60,
-                                                         lr=1e-2, lr_milestones=(5, 8),
-                                                         lr_gamma=0.2, ema=False, seed=2),
+    "baffle-fedsgd-round-guided50-solve-k60-seed1": round_solve(50, 60, seed=1),
+    "baffle-fedsgd-round-guided50-solve-k60-seed2": round_solve(50, 60, seed=2),
     # the solve in a smaller span: the top 20 of the server's gradients held the next one to
     # cosine 0.990 (subspace), and K = r + 10 = 30 directions fit its 20 coordinates
-    "baffle-fedsgd-round-guided20-solve-k30": dict(mode="fedsgd", seed_sharing="round",
-                                                   guide_dims=20, guide_solve=True, K=30,
-                                                   lr=1e-2, lr_milestones=(5, 8),
-                                                   lr_gamma=0.2, ema=False),
+    "baffle-fedsgd-round-guided20-solve-k30": round_solve(20, 30),
+    # between the two: r = 30, K = 40
+    "baffle-fedsgd-round-guided30-solve-k40": round_solve(30, 40),
     # the K = 60 solve with a tenth of the server's labelled images (500, not 5,000)
-    "baffle-fedsgd-round-guided50-solve-k60-img500": dict(mode="fedsgd", seed_sharing="round",
-                                                          guide_dims=50, guide_solve=True,
-                                                          guide_images=500, K=60, lr=1e-2,
-                                                          lr_milestones=(5, 8), lr_gamma=0.2,
-                                                          ema=False),
+    "baffle-fedsgd-round-guided50-solve-k60-img500": round_solve(50, 60, guide_images=500),
     "bp-fedsgd": dict(method="bp-fedsgd"),
     "bp-fedavg": dict(method="bp-fedavg"),
 }
@@ -219,6 +215,8 @@ WHY = {  # what each run asks, printed beside its command
     "baffle-fedsgd-round-guided50-solve-k60-seed2": "the K = 60 solve with seed 2",
     "baffle-fedsgd-round-guided20-solve-k30": "the solve in the top 20 directions (not 50) "
                                               "with K = 30 directions a step",
+    "baffle-fedsgd-round-guided30-solve-k40": "the solve in the top 30 directions with "
+                                              "K = 40 directions a step",
     "baffle-fedsgd-round-guided50-solve-k60-img500": "the K = 60 solve with the server "
                                                      "holding 500 labelled images, not "
                                                      "5,000",
