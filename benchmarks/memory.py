@@ -24,7 +24,8 @@ K = 10 if QUICK else 100
 REPS = 1 if QUICK else 5
 LAYER = "BAFFLE batched (auto chunk), layer directions"
 DELTA = "BAFFLE delta (its chunk, 4 on a CPU)"
-PLAIN_K = f"plain inference, {K + 1} passes"  # as many as the inplace step runs
+PLAIN_PASSES = K + 1  # as many as the inplace step runs
+PLAIN_K = f"plain inference, {PLAIN_PASSES} passes"
 MODES = ("BAFFLE batched (auto chunk)", LAYER, "BAFFLE batched, chunk 32", DELTA, "BAFFLE inplace",
          "BAFFLE sequential", "plain inference", PLAIN_K, "backprop",
          "backprop + activation checkpointing")
@@ -59,7 +60,7 @@ def make_step(name: str, mode: str, model: Any, K: int = K, device: str = "cpu"
             loss_differences(model, F.cross_entropy, xb, yb, 3, spec, dirs, engine, 32)
         elif mode in ("plain inference", PLAIN_K):
             with torch.no_grad():
-                for _ in range(K + 1 if mode == PLAIN_K else 1):
+                for _ in range(PLAIN_PASSES if mode == PLAIN_K else 1):
                     F.cross_entropy(model(xb), yb)
         elif mode == "backprop":
             F.cross_entropy(model(xb), yb).backward()
