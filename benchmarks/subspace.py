@@ -278,9 +278,9 @@ def train_curve(data: DataBundle, m: int | None, exact: bool, epochs: int = EPOC
     sketch = None if not m else (
         mask_sketch(sizes, m, density, torch.Generator().manual_seed(1)) if density
         else count_sketch(sizes, m, torch.Generator().manual_seed(1)))
-    frozen = ([(s == 0).view_as(p) for s, p in zip(sketch.sign, params)]
-              if density else None)
-    initial = [p.detach().clone() for p in params]
+    # each tensor, the entries its mask holds, and their initial values
+    held = ([(p, (s == 0).view_as(p), p.detach().clone()) for s, p in zip(sketch.sign, params)]
+            if density else [])
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99), weight_decay=5e-4)
     split = partition("iid", data.train.y.numpy(), CLIENTS, 0, val_per_class=data.val_per_class)
     rounds = min(len(c) for c in split.clients) // BATCH
@@ -341,10 +341,9 @@ def train_curve(data: DataBundle, m: int | None, exact: bool, epochs: int = EPOC
                 p.grad = t.view_as(p).clone()
             opt.step()
             sched.step()
-            if frozen:  # Adam's weight decay moves every entry: put the masked ones back
-                with torch.no_grad():
-                    for p, f, p0 in zip(params, frozen, initial):
-                        p[f] = p0[f]
+            with torch.no_grad():  # Adam's weight decay moves every entry: put them back
+                for p, f, p0 in held:
+                    p[f] = p0[f]
         curve.append(evaluate(model, data.test, "cpu")["top1"])
     return curve
 
